@@ -1,0 +1,28 @@
+"""Causal reward losses as pure torch functions (no Ray): MMD penalty, Bradley-Terry / CRM, DPO / IPO / Causal DPO."""
+
+from ray_crm.losses.distributed import gather_global
+from ray_crm.losses.mmd import MMDConfig, MMDStats, binned_mmd_penalty, mmd2
+from ray_crm.losses.preference import (
+    bradley_terry_loss,
+    causal_dpo_loss,
+    causal_penalty,
+    crm_loss,
+    dpo_loss,
+    implicit_rewards,
+    ipo_loss,
+)
+
+__all__ = [
+    "MMDConfig",
+    "MMDStats",
+    "binned_mmd_penalty",
+    "bradley_terry_loss",
+    "causal_dpo_loss",
+    "causal_penalty",
+    "crm_loss",
+    "dpo_loss",
+    "gather_global",
+    "implicit_rewards",
+    "ipo_loss",
+    "mmd2",
+]

@@ -1,0 +1,168 @@
+"""Preference losses: Bradley-Terry, DPO / IPO, and their causal versions with the binned MMD penalty (SPEC 2).
+
+Every loss returns `(loss, metrics)`; metrics are detached tensors keyed for a logger ("loss/...", "reward/...",
+"mmd/..."), converted to floats only when logged so that a training step never waits on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ray_crm.losses.distributed import gather_global
+from ray_crm.losses.mmd import MMDConfig, binned_mmd_penalty
+
+Variant = Literal["unconditional", "conditional"]
+Metrics = dict[str, Tensor]
+
+
+@torch.no_grad()
+def _pair_metrics(chosen: Tensor, rejected: Tensor) -> Metrics:
+    margin = chosen - rejected
+    return {
+        "reward/chosen": chosen.mean(),
+        "reward/rejected": rejected.mean(),
+        "reward/margin": margin.mean(),
+        "reward/accuracy": (margin > 0).float().mean(),
+    }
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Metrics]:
+    """-mean log sigmoid(r_w - r_l); logsigmoid keeps large negative margins finite."""
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, {"loss/preference": loss.detach(), **_pair_metrics(chosen, rejected)}
+
+
+def causal_penalty(
+    chosen: Tensor,
+    rejected: Tensor,
+    chosen_bins: Tensor,
+    rejected_bins: Tensor,
+    variant: Variant = "unconditional",
+    mmd: MMDConfig = MMDConfig(),
+    global_batch: bool = False,
+) -> tuple[Tensor, Metrics]:
+    """The CRM penalty: over all values of the batch (unconditional), or chosen and rejected apart, summed
+    (conditional: r independent of Z given the preference label).
+
+    chosen / rejected are rewards [B] or representations [B, D]. global_batch gathers them (and the bins) from
+    every rank first, see `ray_crm.losses.distributed`.
+    """
+    if variant == "unconditional":
+        groups = {"mmd/": (torch.cat([chosen, rejected]), torch.cat([chosen_bins, rejected_bins]))}
+    elif variant == "conditional":
+        groups = {"mmd/chosen/": (chosen, chosen_bins), "mmd/rejected/": (rejected, rejected_bins)}
+    else:
+        raise ValueError(f"variant must be 'unconditional' or 'conditional', got {variant!r}")
+    penalty, metrics = 0.0, {}
+    for prefix, (values, bins) in groups.items():
+        if global_batch:
+            values, bins = gather_global(values, bins)
+        term, stats = binned_mmd_penalty(values, bins, mmd)
+        penalty = penalty + term
+        metrics.update(stats.metrics(prefix))
+    metrics["mmd/penalty"] = penalty.detach()
+    return penalty, metrics
+
+
+def crm_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    chosen_bins: Tensor,
+    rejected_bins: Tensor,
+    lam: float,
+    variant: Variant = "unconditional",
+    mmd: MMDConfig = MMDConfig(),
+    *,
+    chosen_features: Tensor | None = None,
+    rejected_features: Tensor | None = None,
+    global_batch: bool = False,
+) -> tuple[Tensor, Metrics]:
+    """Causal reward model loss: L_BT + lam * MMD penalty across the bins of Z.
+
+    The penalty is over the scalar rewards, or over representations when chosen_features / rejected_features
+    ([B, D], e.g. the pooled hidden state) are given. With lam == 0 the loss is the plain Bradley-Terry loss,
+    bit for bit; the penalty is still computed, without gradient, because it measures the vanilla model's bias.
+    """
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    loss, metrics = bradley_terry_loss(chosen_rewards, rejected_rewards)
+    if (chosen_features is None) != (rejected_features is None):
+        raise ValueError("give both chosen_features and rejected_features, or neither")
+    chosen = chosen_rewards if chosen_features is None else chosen_features
+    rejected = rejected_rewards if rejected_features is None else rejected_features
+    with torch.set_grad_enabled(torch.is_grad_enabled() and lam != 0):
+        penalty, mmd_metrics = causal_penalty(
+            chosen, rejected, chosen_bins, rejected_bins, variant, mmd, global_batch
+        )
+    if lam != 0:
+        loss = loss + lam * penalty
+    metrics.update(mmd_metrics)
+    metrics["loss/total"] = loss.detach()
+    return loss, metrics
+
+
+def implicit_rewards(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor]:
+    """DPO's implicit rewards beta * log(pi / pi_ref) of the chosen and rejected responses (sequence log-probs)."""
+    return beta * (policy_chosen_logps - ref_chosen_logps), beta * (policy_rejected_logps - ref_rejected_logps)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+) -> tuple[Tensor, Metrics]:
+    """DPO: Bradley-Terry on the implicit rewards, -mean log sigmoid(beta * (log-ratio_w - log-ratio_l))."""
+    return bradley_terry_loss(
+        *implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    )
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+) -> tuple[Tensor, Metrics]:
+    """IPO (Azar et al. 2023): mean (h - 1/(2 beta))^2, h = log-ratio_w - log-ratio_l; a bounded target margin."""
+    chosen, rejected = implicit_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, 1.0
+    )
+    loss = (chosen - rejected - 1 / (2 * beta)).square().mean()
+    return loss, {"loss/preference": loss.detach(), **_pair_metrics(beta * chosen, beta * rejected)}
+
+
+def causal_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_bins: Tensor,
+    rejected_bins: Tensor,
+    beta: float,
+    lam: float,
+    variant: Variant = "unconditional",
+    mmd: MMDConfig = MMDConfig(),
+    *,
+    global_batch: bool = False,
+) -> tuple[Tensor, Metrics]:
+    """Causal DPO: DPO + lam * MMD penalty over the implicit rewards beta * log(pi / pi_ref), binned by Z.
+
+    The paper writes the raw ratio pi / pi_ref; its log is what DPO's reward is, and it does not overflow.
+    """
+    chosen, rejected = implicit_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    return crm_loss(chosen, rejected, chosen_bins, rejected_bins, lam, variant, mmd, global_batch=global_batch)

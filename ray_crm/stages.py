@@ -1,0 +1,37 @@
+"""The registry of stages the CLI and jobs/ can run.
+
+Each entry names its function by import path so `ray-crm --help` starts without importing Ray, torch or
+vLLM. Only stages that work are registered. A stage takes the root `Config` and returns a small dict of
+what it produced (paths and headline metrics) that the CLI prints as JSON.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ray_crm.config import Config
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str  # "module:function"
+    help: str
+
+    def load(self) -> Callable[[Config], dict[str, Any]]:
+        module, _, func = self.target.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("demo", "ray_crm.demo:run_demo", "the main job: every stage that exists, on real data"),
+    ]
+}
+
+
+def run_stage(name: str, cfg: Config) -> dict[str, Any]:
+    return STAGES[name].load()(cfg)
