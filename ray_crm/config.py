@@ -53,7 +53,7 @@ class ModelConfig(Section):
 class MMDConfig(Section):
     bandwidth: Literal["median"] | float | list[float] = "median"
     unbiased: bool = False
-    pair_reduction: Literal["sum", "mean"] = "sum"
+    reduction: Literal["sum", "mean"] = "sum"
     on: Literal["reward", "representation"] = "reward"
 
 

@@ -1,0 +1,102 @@
+"""Reward-model backbones, LoRA, scoring and export: the one place that knows transformers/peft quirks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ray_crm.assets import resolve_model
+from ray_crm.config import ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(model_cfg.name))
+    if tok.pad_token is None:  # decoder models (Llama, SmolLM2) ship without one
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_reward_model(model_cfg: ModelConfig, pad_token_id: int):
+    """A scalar-head AutoModelForSequenceClassification, wrapped in a PEFT LoRA adapter if configured."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(model_cfg.name), num_labels=1, dtype=DTYPES[model_cfg.precision]
+    )
+    model.config.pad_token_id = pad_token_id  # Llama heads need it to find the last token of a batch > 1
+    if not model_cfg.lora.enabled:
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = model_cfg.lora
+    peft_cfg = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout, target_modules=lora.target_modules,
+    )
+    return get_peft_model(model, peft_cfg)  # SEQ_CLS also trains the score head (modules_to_save)
+
+
+def score(model, batch: dict[str, Tensor], with_representation: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Rewards [N] and, if asked, the pooled last-layer representation [N, H] that feeds the head."""
+    out = model(**batch, output_hidden_states=with_representation)
+    rewards = out.logits.squeeze(-1).float()
+    if not with_representation:
+        return rewards, None
+    hidden, mask = out.hidden_states[-1], batch["attention_mask"]
+    if getattr(model.config, "is_decoder", False) or "token_type_ids" not in batch:
+        last = mask.sum(-1) - 1  # right padding: the last real token, as decoder heads pool
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    else:
+        pooled = hidden[:, 0]  # encoders pool the first ([CLS]) token
+    return rewards, pooled.float()
+
+
+def pad_pairs(rows: dict[str, Any], pad_id: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Chosen then rejected token lists -> one right-padded batch of 2N sequences."""
+    seqs = list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"])
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "chosen_token_type_ids" in rows:
+        types = torch.zeros_like(ids)
+        for i, s in enumerate(list(rows["chosen_token_type_ids"]) + list(rows["rejected_token_type_ids"])):
+            types[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        batch["token_type_ids"] = types
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def export_reward_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, card: dict[str, Any]) -> Path:
+    """Write `out/merged` (plain HF folder), `out/adapter` (LoRA alone) and `out/model_card.json`."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(model_cfg)
+    merged_dir = out / "merged"
+    if model_cfg.lora.enabled:
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(model_cfg.name), num_labels=1, dtype=torch.float32
+        )
+        base.config.pad_token_id = tok.pad_token_id
+        model = PeftModel.from_pretrained(base, weights_dir).merge_and_unload()
+        shutil.copytree(weights_dir, out / "adapter", dirs_exist_ok=True)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(weights_dir, dtype=torch.float32)
+    model.save_pretrained(merged_dir, safe_serialization=True)
+    tok.save_pretrained(merged_dir)
+    (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
+    return merged_dir

@@ -1,0 +1,36 @@
+"""Step metrics to CSV and TensorBoard on rank 0 (ray.train.report carries only the eval-time metrics)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends rows to `<name>.csv` (columns fixed by the first row) and scalars to TensorBoard."""
+
+    def __init__(self, folder: Path, name: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{name}.csv"
+        self.name = name
+        self._writer = SummaryWriter(str(folder / "tensorboard"))
+        self._fields: list[str] | None = None
+        if self.path.exists():
+            with open(self.path) as fh:
+                self._fields = next(csv.reader(fh), None)
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        row = {"step": step, **row}
+        if self._fields is None:
+            self._fields = list(row)
+            with open(self.path, "w", newline="") as fh:
+                csv.writer(fh).writerow(self._fields)
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, self._fields, extrasaction="ignore").writerow(row)
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self._writer.add_scalar(f"{self.name}/{key}", value, step)
+        self._writer.flush()

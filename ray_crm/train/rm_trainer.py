@@ -1,0 +1,252 @@
+"""Reward-model training on Ray Train + DeepSpeed + PEFT LoRA: Bradley-Terry or causal RM (BT + MMD over Z bins).
+
+Every worker reads the whole prepared split and builds the same bin-stratified plan of global batches from
+the seed, then takes its slice (rank::world) of each; the MMD penalty is computed over the global batch by a
+differentiable all-gather. So 2 workers with B/2 pairs each train exactly as 1 worker with B. With gradient
+accumulation the BT loss averages over the whole global batch, while the MMD is computed per micro-step
+over world x micro pairs (each stratified on its own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray_crm.config import Config
+from ray_crm.losses import MMDConfig, crm_loss
+from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
+from ray_crm.runtime import init_ray, set_threads
+from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
+from ray_crm.train.metrics_log import MetricsLog
+
+COLUMNS = ("chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
+           "bin_chosen", "bin_rejected", "stratum")
+
+
+def run_name(cfg: Config) -> str:
+    """Same training config -> same name, so a re-run resumes; a changed one starts afresh."""
+    keyed = {k: cfg.model_dump(mode="json")[k] for k in ("model", "loss", "train", "data") if k in cfg.model_fields}
+    keyed["train"].pop("max_failures", None)
+    digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
+    tag = "bt" if cfg.loss.type == "bt" else f"crm-{cfg.loss.variant[:4]}-l{cfg.loss.lambda_mmd:g}"
+    return f"{cfg.name}-{tag}-{digest}"
+
+
+def mmd_settings(cfg: Config, num_bins: int) -> MMDConfig:
+    m = cfg.loss.mmd
+    return MMDConfig(bandwidth=m.bandwidth, unbiased=m.unbiased, reduction=m.reduction, num_bins=num_bins)
+
+
+def _materialise(shard, columns=COLUMNS) -> dict[str, np.ndarray]:
+    """A Ray Data shard -> numpy columns in memory (reward-model data is small; the plan needs random access)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        for key in columns:
+            if key in batch:
+                parts.setdefault(key, []).append(batch[key])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in rows.items()}
+
+
+def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, device, global_batch: bool):
+    batch = pad_pairs(rows, engine.module.config.pad_token_id, device)
+    with_repr = cfg.loss.type == "crm" and cfg.loss.mmd.on == "representation"
+    rewards, reps = score(engine, batch, with_repr)
+    n = len(rows["bin_chosen"])
+    lam = cfg.loss.lambda_mmd if cfg.loss.type == "crm" else 0.0
+    feats = {} if reps is None else {"chosen_features": reps[:n], "rejected_features": reps[n:]}
+    bins_c = torch.as_tensor(rows["bin_chosen"], dtype=torch.long, device=device)
+    bins_r = torch.as_tensor(rows["bin_rejected"], dtype=torch.long, device=device)
+    return crm_loss(rewards[:n], rewards[n:], bins_c, bins_r, lam, cfg.loss.variant, mmd,
+                    global_batch=global_batch, **feats)
+
+
+def _scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v.numel() == 1}
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, rank: int, world: int, device,
+             batch_pairs: int = 64) -> dict[str, float]:
+    """Pairwise accuracy, BT loss and the MMD penalty over the whole validation split, on all ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively): short ranks
+    repeat their last pair and drop the repeats.
+    """
+    import torch.distributed as dist
+
+    total = len(rows["bin_chosen"])
+    mine = np.arange(total)[rank::world]
+    per_rank = -(-total // world)
+    padded = np.concatenate([mine, np.full(per_rank - len(mine), mine[-1] if len(mine) else 0)])
+    engine.eval()
+    rewards = []
+    for start in range(0, per_rank, batch_pairs):
+        part = _take(rows, padded[start : start + batch_pairs])
+        r, _ = score(engine, pad_pairs(part, engine.module.config.pad_token_id, device))
+        rewards.append(r.view(2, -1))
+    engine.train()
+    rc, rr = torch.cat(rewards, dim=1)[:, : len(mine)]
+    bins_c = torch.as_tensor(rows["bin_chosen"][mine], dtype=torch.long, device=device)
+    bins_r = torch.as_tensor(rows["bin_rejected"][mine], dtype=torch.long, device=device)
+    _, metrics = crm_loss(rc, rr, bins_c, bins_r, 0.0, cfg.loss.variant, mmd, global_batch=dist.is_initialized())
+    totals = torch.stack([(rc > rr).sum().float(), torch.tensor(float(len(mine))),
+                          -torch.nn.functional.logsigmoid(rc - rr).sum()])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    correct, count, bt_sum = totals.tolist()
+    return {
+        "val_accuracy": correct / max(count, 1.0),
+        "val_bt_loss": bt_sum / max(count, 1.0),
+        "val_mmd": float(metrics["mmd/penalty"]),
+        "val_pairs": int(count),
+    }
+
+
+def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zero_stage: int) -> None:
+    """DeepSpeed state (all ranks, for resume) + the HF weights (adapter or full model) + the loop state."""
+    import deepspeed
+
+    engine.save_checkpoint(str(folder / "ds"), tag="state")
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, enabled=zero_stage == 3):
+        if rank == 0:
+            engine.module.save_pretrained(folder / "model", safe_serialization=True)
+            (folder / "state.json").write_text(json.dumps(state))
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker loop Ray Train runs."""
+    import ray.train
+
+    cfg = Config.model_validate(config["cfg"])
+    set_threads(cfg.ray.torch_threads)
+    backend = prepare_deepspeed_env(cfg.train.use_gpu)
+    import deepspeed
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend=backend)  # reuses the process group Ray Train created
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    tok = load_tokenizer(cfg.model)
+    torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
+    model = load_reward_model(cfg.model, tok.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg.train, cfg.model, world))
+    train_rows = _materialise(ray.train.get_dataset_shard("train"))
+    val_rows = _materialise(ray.train.get_dataset_shard("validation"))
+    mmd = mmd_settings(cfg, config["num_bins"])
+    micro = micro_batch_size(cfg.train, world)
+
+    from ray_crm.data.sampler import StratifiedBatchSampler
+
+    sampler = StratifiedBatchSampler(train_rows["stratum"], batch_size=micro * world, seed=cfg.train.seed)
+    state = {"epoch": 0, "micro_step": 0, "step": 0, "resumed_from_step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            path, _ = engine.load_checkpoint(str(Path(folder) / "ds"), tag="state")
+            if path is None:  # DeepSpeed returns (None, None) instead of raising
+                raise RuntimeError(f"checkpoint {folder} holds no DeepSpeed state to resume from")
+            state = json.loads((Path(folder) / "state.json").read_text())
+            state["resumed_from_step"] = state["step"]
+    train_log = MetricsLog(Path(config["log_dir"]), "train") if rank == 0 else None
+    eval_log = MetricsLog(Path(config["log_dir"]), "eval") if rank == 0 else None
+    steps_per_epoch = len(sampler.batches(0)) // cfg.train.grad_accum
+    max_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
+    tick, pairs = time.perf_counter(), 0
+
+    def report(reason: str) -> None:
+        metrics = {**evaluate(cfg, engine, val_rows, mmd, rank, world, device), **state, "epoch_end": reason == "epoch"}
+        if eval_log is not None:
+            eval_log.write(state["step"], metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            _save_checkpoint(engine, Path(folder), state, rank, cfg.train.zero_stage)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    while state["step"] < max_steps and state["epoch"] < cfg.train.epochs:
+        plan = sampler.batches(state["epoch"])
+        usable = len(plan) - len(plan) % cfg.train.grad_accum
+        while state["micro_step"] < usable and state["step"] < max_steps:
+            rows = _take(train_rows, plan[state["micro_step"]][rank::world])
+            loss, metrics = _loss(cfg, engine, rows, mmd, device, global_batch=world > 1)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            state["micro_step"] += 1
+            pairs += len(plan[state["micro_step"] - 1])
+            if not boundary:
+                continue
+            state["step"] += 1
+            if train_log is not None:
+                elapsed = time.perf_counter() - tick
+                train_log.write(state["step"], {**_scalar_metrics(metrics), "epoch": state["epoch"],
+                                          "pairs_per_s": pairs / elapsed, "lr": engine.get_lr()[0]})
+                tick, pairs = time.perf_counter(), 0
+            every = [n for n in (cfg.train.eval_every, cfg.train.checkpoint_every) if n]
+            if any(state["step"] % n == 0 for n in every) and state["step"] < max_steps:
+                report("step")
+        state["epoch"] += state["micro_step"] >= usable
+        state["micro_step"] = 0 if state["micro_step"] >= usable else state["micro_step"]
+        report("epoch")
+    dist.barrier()
+
+
+def run_train_rm(cfg: Config) -> dict[str, Any]:
+    """Train one reward model as `cfg` says, export it, and return where it is and how it scores."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_crm.data.pipeline import load_manifest, read_prepared
+    from ray_crm.models.loading import export_reward_model
+
+    init_ray(cfg.ray)
+    data_dir = prepared_dir(cfg)
+    manifest = load_manifest(data_dir)
+    name = run_name(cfg)
+    out = cfg.stage_dir("train-rm") / name
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_bins": manifest["num_bins"],
+                           "log_dir": str(out / "logs")},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(cfg.stage_dir("train-rm") / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=cfg.train.checkpoint_metric,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": read_prepared(data_dir, "train"), "validation": read_prepared(data_dir, "validation")},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.train.checkpoint_metric])
+    with best.as_directory() as folder:
+        card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest.get("hash"),
+                "metrics": best_metrics, "final_metrics": result.metrics}
+        merged = export_reward_model(cfg.model, Path(folder) / "model", out / "export", card)
+    return {"model": str(merged), "run": name, "logs": str(out / "logs"),
+            **{k: best_metrics[k] for k in ("val_accuracy", "val_bt_loss", "val_mmd", "step")}}
+
+
+def prepared_dir(cfg: Config) -> Path:
+    return cfg.stage_dir("prepare")

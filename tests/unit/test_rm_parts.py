@@ -1,0 +1,50 @@
+"""Pure parts of reward-model training: DeepSpeed config, pair batching, scoring, run naming."""
+
+import pytest
+import torch
+
+from ray_crm.config import load_config
+from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
+from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size
+from ray_crm.train.rm_trainer import run_name
+
+
+def test_deepspeed_config_follows_the_typed_config():
+    cfg = load_config(None, ["train.batch_size=32", "train.grad_accum=2", "train.zero_stage=3",
+                             "train.offload=true", "model.precision=bf16"])
+    ds = deepspeed_config(cfg.train, cfg.model, world_size=2)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 2 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="divisible"):
+        micro_batch_size(load_config(None, ["train.batch_size=10"]).train, world_size=4)
+
+
+def test_run_name_changes_with_training_config_only():
+    a = load_config(None, ["loss.type=crm", "loss.lambda_mmd=1.0"])
+    assert run_name(a) == run_name(load_config(None, ["loss.type=crm", "loss.lambda_mmd=1.0", "train.max_failures=3"]))
+    assert run_name(a) != run_name(load_config(None, ["loss.type=crm", "loss.lambda_mmd=0.5"]))
+    assert "crm-unco-l1" in run_name(a)
+
+
+def test_pairs_score_identically_alone_and_padded_in_a_batch(tiny_bert_dir):
+    cfg = load_config(None, [f"model.name={tiny_bert_dir}", "model.lora.rank=4"])
+    tok = load_tokenizer(cfg.model)
+    model = load_reward_model(cfg.model, tok.pad_token_id).eval()
+    enc = lambda p, r: tok(p, r)  # noqa: E731
+    short, long = enc("the movie", "great"), enc("the movie was", "really quite boring and bad")
+    rows = {
+        "chosen_input_ids": [short["input_ids"], long["input_ids"]],
+        "rejected_input_ids": [long["input_ids"], short["input_ids"]],
+        "chosen_token_type_ids": [short["token_type_ids"], long["token_type_ids"]],
+        "rejected_token_type_ids": [long["token_type_ids"], short["token_type_ids"]],
+    }
+    batch = pad_pairs(rows, tok.pad_token_id)
+    assert batch["input_ids"].shape == (4, len(long["input_ids"]))
+    with torch.no_grad():
+        rewards, reps = score(model, batch, with_representation=True)
+        alone = score(model, {k: torch.tensor([v]) for k, v in short.items()})[0]
+    assert rewards.shape == (4,) and reps.shape == (4, 64)
+    torch.testing.assert_close(rewards[0], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards[0], rewards[3], atol=1e-5, rtol=0)
