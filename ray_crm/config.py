@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -88,6 +88,112 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+class RolloutConfig(Section):
+    """vLLM rollout engines: how many, where they run, how they sample, how they fail (issue #7).
+
+    The policy weights they start from are not set here: the pool is given the policy's folder, the same
+    one the learner loads, so both sides begin from identical weights.
+    """
+
+    engines: int = Field(1, ge=1, description="vLLM engines (Ray actors); prompts are spread over them")
+    use_gpu: bool = False
+    tensor_parallel_size: int = Field(1, ge=1, description="GPU: GPUs per engine")
+    gpu_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="GPU: share of a GPU per engine worker; < 1 colocates with the learner"
+    )
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="GPU: share of GPU memory vLLM may use")
+    cpus_per_engine: float = Field(1.0, gt=0.0, description="Ray CPUs reserved by each engine actor")
+    engine_threads: int | None = Field(None, ge=1, description="CPU: torch threads per engine; None: ray.torch_threads")
+    kv_cache_gib: float = Field(1.0, gt=0.0, description="KV cache per engine (CPU: taken from RAM)")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    enforce_eager: bool = Field(True, description="no torch.compile (and no CUDA graphs): fast start")
+    max_model_len: int = Field(1024, ge=16, description="prompt + response tokens")
+    max_num_seqs: int = Field(256, ge=1, description="sequences decoded together by one engine")
+    max_num_batched_tokens: int = Field(8192, ge=16, description="raised to max_model_len if lower")
+    enable_prefix_caching: bool = Field(True, description="the n samples of a prompt share its prefill")
+    n_samples: int = Field(8, ge=1, description="completions per prompt")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1, description="-1: off")
+    stop: list[str] = Field(default_factory=list, description="stop strings, besides the EOS token")
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = Field(False, description="always generate max_new_tokens (benchmarks)")
+    apply_chat_template: bool = Field(True, description="wrap text prompts as a user turn of the chat template")
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(
+        "processed_logprobs", description="per-token logprobs after (processed) or before temperature/top-p"
+    )
+    seed: int | None = Field(0, description="per-request seeds derived from it; None: unseeded sampling")
+    start_timeout_s: float = Field(600.0, gt=0.0, description="engine start-up, also after a restart")
+    generate_timeout_s: float = Field(900.0, gt=0.0, description="one engine's share of a generate call")
+    sync_timeout_s: float = Field(120.0, gt=0.0, description="one engine's weight reload")
+    max_restarts: int = Field(2, ge=0, description="Ray restarts of a dead or hung engine; its batch is retried once")
+
+
+class GoldScorerConfig(Section):
+    """A scorer used only to measure reward hacking, never to train: another RM, or a rule (VADER)."""
+
+    name: str = Field(description="metric key: its scores appear as gold/<name>")
+    kind: Literal["reward_model", "vader"] = "reward_model"
+    model: str | None = Field(None, description="reward_model: an HF sequence-classification folder or asset alias")
+
+
+class RewardConfig(Section):
+    """Reward actors serving the trained reward model during PPO/GRPO, plus optional gold scorers."""
+
+    model: str | None = Field(None, description="the trained RM: an HF sequence-classification folder")
+    input_format: Literal["pair", "chat", "response"] = Field(
+        "pair", description="pair: tokenizer(prompt, response); chat: user/assistant template; response: alone"
+    )
+    actors: int = Field(1, ge=1, description="actors serving the trained RM; a batch is split over them")
+    cpus_per_actor: float = Field(0.5, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    threads: int | None = Field(None, ge=1, description="torch threads per actor; None: ray.torch_threads")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(512, ge=8)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gold: list[GoldScorerConfig] = Field(default_factory=list)
+    start_timeout_s: float = Field(300.0, gt=0.0)
+    call_timeout_s: float = Field(300.0, gt=0.0)
+    max_restarts: int = Field(2, ge=0)
+
+
+class SearchSpace(Section):
+    """One swept key: exactly one of grid (every value), choice (sampled), uniform or loguniform ([low, high])."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: list[float] | None = Field(None, min_length=2, max_length=2)
+    loguniform: list[float] | None = Field(None, min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchSpace":
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        if self.loguniform is not None and min(self.loguniform) <= 0:
+            raise ValueError("loguniform bounds must be > 0")
+        return self
+
+
+class SweepConfig(Section):
+    """Ray Tune over a stage's entry: search space keyed by dotted config keys; accuracy vs bias."""
+
+    stage: Literal["train-rm"] = "train-rm"
+    space: dict[str, SearchSpace] = Field(default_factory=dict)
+    num_samples: int = Field(1, ge=1, description="repeats of the grid, or draws for choice/uniform")
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    bias_metric: str = "val_mmd"
+    bias_mode: Literal["max", "min"] = "min"
+    max_accuracy_drop: float = Field(0.02, ge=0.0, description="pick the least biased config within this of the best")
+    scheduler: Literal["none", "asha"] = "none"
+    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial can be stopped")
+    search: Literal["basic", "optuna"] = "basic"
+    max_concurrent_trials: int = Field(1, ge=1)
+    resume: bool = False
+
+
 class Config(Section):
     """The root: every stage reads the sections it needs."""
 
@@ -97,6 +203,9 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
     def stage_dir(self, stage: str) -> Path:
         """Where a stage of this run writes: <output_dir>/<name>/<stage>."""
@@ -155,16 +264,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
 
 
+def set_dotted(data: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """Set data[a][b][c] = value for path [a, b, c], creating sections on the way."""
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{'.'.join(path)}': '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, *parse_override(text))
     return data
 
 

@@ -205,8 +205,12 @@ def train_loop(config: dict[str, Any]) -> None:
     dist.barrier()
 
 
-def run_train_rm(cfg: Config) -> dict[str, Any]:
-    """Train one reward model as `cfg` says, export it, and return where it is and how it scores."""
+def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Train one reward model as `cfg` says, export it, and return where it is and how it scores.
+
+    `datasets` lets a Tune trial pass Ray Datasets built in the driver; `callbacks` go to the
+    trainer's RunConfig (Tune's TuneReportCallback).
+    """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -217,6 +221,8 @@ def run_train_rm(cfg: Config) -> dict[str, Any]:
     init_ray(cfg.ray)
     data_dir = prepared_dir(cfg)
     manifest = load_manifest(data_dir)
+    if datasets is None:
+        datasets = {split: read_prepared(data_dir, split) for split in ("train", "validation")}
     name = run_name(cfg)
     out = cfg.stage_dir("train-rm") / name
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
@@ -234,8 +240,9 @@ def run_train_rm(cfg: Config) -> dict[str, Any]:
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or [],
         ),
-        datasets={"train": read_prepared(data_dir, "train"), "validation": read_prepared(data_dir, "validation")},
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()

@@ -1,0 +1,189 @@
+"""Ray Tune sweeps of regularisation strength (lambda, bins, variant, kernel...) over a stage's entry function.
+
+Each trial is a function trainable that runs the project's own training entry (`run_train_rm`) with the
+trial's values set on the base config, reporting to Tune through `TuneReportCallback` (Ray 2.60's supported
+pattern; a TorchTrainer can no longer be passed to `Tuner`). Ray Data datasets are built in the driver and
+handed to the trials with `tune.with_parameters`. The search space lives in the same typed config
+(`sweep.space`: dotted key -> grid / choice / uniform / loguniform) and every value is validated against the
+schema before any trial starts. Output: a results table (CSV + Markdown), the accuracy-vs-bias Pareto front
+(PNG), and the chosen configuration as ready-to-run YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ray_crm.config import Config, ConfigError, SearchSpace, dump_config, set_dotted, validate
+from ray_crm.tune.pareto import pareto_front, pick
+
+# Result columns that are not worth a column of the table.
+_HIDDEN = ("checkpoint_path", "epoch_end", "micro_step", "resumed_from_step")
+
+
+def _probe_values(spec: SearchSpace) -> list[Any]:
+    """The values that decide whether a space entry is valid: all listed ones, or the bounds of a range."""
+    return spec.grid or spec.choice or spec.uniform or spec.loguniform or []
+
+
+def check_space(cfg: Config) -> None:
+    """Fail before any trial starts if a swept key or value does not fit the schema, naming the key."""
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space is empty: give at least one dotted key with grid/choice/uniform/loguniform")
+    base = cfg.model_dump(mode="json")
+    for key, spec in cfg.sweep.space.items():
+        if key.startswith("sweep."):
+            raise ConfigError(f"sweep.space.{key}: the sweep section itself cannot be swept")
+        for value in _probe_values(spec):
+            try:
+                validate(set_dotted(copy.deepcopy(base), key.split("."), value), f"sweep.space.{key}={value!r}")
+            except ConfigError as exc:
+                raise ConfigError(str(exc)) from None
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    from ray import tune
+
+    build = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda b: tune.uniform(*b),
+        "loguniform": lambda b: tune.loguniform(*b),
+    }
+    space = {}
+    for key, spec in cfg.sweep.space.items():
+        kind = next(k for k in build if getattr(spec, k) is not None)
+        space[key] = build[kind](getattr(spec, kind))
+    return space
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial: str) -> Config:
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        set_dotted(data, key.split("."), value.item() if isinstance(value, np.generic) else value)
+    data["name"] = f"{data.get('name', 'run')}-{trial}"
+    return validate(data, f"trial {trial}")
+
+
+def _trainable(params: dict[str, Any], base: dict[str, Any], datasets: dict[str, Any]):
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ray_crm.train.rm_trainer import run_train_rm
+
+    cfg = trial_config(base, params, tune.get_context().get_trial_id())
+    return run_train_rm(cfg, datasets=datasets, callbacks=[TuneReportCallback()])
+
+
+def _tuner(cfg: Config, path: Path, trainable):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = cfg.sweep
+    scheduler = ASHAScheduler(grace_period=s.grace_period, time_attr="training_iteration") if s.scheduler == "asha" else None
+    search_alg = None
+    if s.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch()
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
+                                    search_alg=search_alg, max_concurrent_trials=s.max_concurrent_trials),
+        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent)),
+    )
+
+
+def results_table(grid, cfg: Config):
+    """One row per trial: its swept values, final metrics and status."""
+    import pandas as pd
+
+    rows = []
+    for result in grid:
+        metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
+        row = {"trial": Path(result.path).name, "status": "ERROR" if result.error else "DONE"}
+        row.update({k: result.config.get(k) for k in cfg.sweep.space})
+        for key in (cfg.sweep.metric, cfg.sweep.bias_metric, "val_bt_loss", "step", "model"):
+            row[key] = metrics.get(key, np.nan)
+        rows.append(row)
+    table = pd.DataFrame(rows).drop(columns=[c for c in _HIDDEN if c in rows[0]], errors="ignore")
+    sign = lambda mode: 1.0 if mode == "max" else -1.0  # noqa: E731  front code wants max accuracy, min bias
+    acc = sign(cfg.sweep.mode) * table[cfg.sweep.metric].astype(float).to_numpy()
+    bias = -sign(cfg.sweep.bias_mode) * table[cfg.sweep.bias_metric].astype(float).to_numpy()
+    table["pareto"] = pareto_front(acc, bias)
+    chosen = pick(acc, bias, cfg.sweep.max_accuracy_drop)
+    table["chosen"] = np.arange(len(table)) == chosen
+    return table, chosen
+
+
+def plot_front(table, cfg: Config, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = cfg.sweep
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(table[s.bias_metric], table[s.metric], c="lightgray", edgecolors="gray", label="trials")
+    front = table[table["pareto"]].sort_values(s.bias_metric)
+    ax.plot(front[s.bias_metric], front[s.metric], "o-", color="tab:blue", label="Pareto front")
+    chosen = table[table["chosen"]]
+    ax.scatter(chosen[s.bias_metric], chosen[s.metric], marker="*", s=250, color="tab:red", label="chosen", zorder=3)
+    for _, row in table.iterrows():
+        label = ", ".join(f"{k.split('.')[-1]}={row[k]:g}" if isinstance(row[k], float) else f"{k.split('.')[-1]}={row[k]}"
+                          for k in s.space)
+        ax.annotate(label, (row[s.bias_metric], row[s.metric]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(f"{s.bias_metric} ({'lower' if s.bias_mode == 'min' else 'higher'} is better)")
+    ax.set_ylabel(f"{s.metric} ({'higher' if s.mode == 'max' else 'lower'} is better)")
+    ax.set_title(f"{cfg.name}: accuracy vs bias")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(cfg: Config) -> dict[str, Any]:
+    """Run (or with `sweep.resume=true`, continue) the sweep; write the table, the front and the chosen YAML."""
+    from ray import tune
+
+    from ray_crm.data.pipeline import read_prepared
+    from ray_crm.runtime import init_ray
+    from ray_crm.train.rm_trainer import prepared_dir
+
+    check_space(cfg)
+    init_ray(cfg.ray)
+    out = cfg.stage_dir("sweep")
+    path = out / "tune" / cfg.name
+    data_dir = prepared_dir(cfg)
+    datasets = {split: read_prepared(data_dir, split) for split in ("train", "validation")}
+    base = cfg.model_dump(mode="json")
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=base, datasets=datasets),
+        {"CPU": 0.01},  # the trial only drives; its TorchTrainer reserves the workers
+    )
+    if path.exists() and tune.Tuner.can_restore(str(path)):
+        if not cfg.sweep.resume:
+            raise ConfigError(f"{path} holds an earlier sweep named '{cfg.name}': pass sweep.resume=true "
+                              "(ray-crm sweep --resume) to continue it, or choose another name")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, param_space=param_space(cfg))
+    else:
+        tuner = _tuner(cfg, path, trainable)
+    grid = tuner.fit()
+    table, chosen = results_table(grid, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "results.csv", index=False)
+    (out / "results.md").write_text(table.to_markdown(index=False, floatfmt=".4f"))
+    plot_front(table, cfg, out / "pareto.png")
+    best = trial_config(base, {k: table.iloc[chosen][k] for k in cfg.sweep.space}, "best")
+    best = best.model_copy(update={"name": f"{cfg.name}-best"})
+    (out / "best.yaml").write_text(dump_config(best))
+    summary = {"trials": len(table), "errors": int((table["status"] == "ERROR").sum()),
+               "chosen": {k: table.iloc[chosen][k] for k in (*cfg.sweep.space, cfg.sweep.metric, cfg.sweep.bias_metric)},
+               "results": str(out / "results.md"), "front": str(out / "pareto.png"), "best_config": str(out / "best.yaml")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
