@@ -8,6 +8,7 @@ are rejected with the dotted key and, for typos, the closest valid key.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -133,7 +134,7 @@ class RolloutConfig(Section):
 class GoldScorerConfig(Section):
     """A scorer used only to measure reward hacking, never to train: another RM, or a rule (VADER)."""
 
-    name: str = Field(description="metric key: its scores appear as gold/<name>")
+    name: str = Field(description="metric key: its scores appear as gold_<name>")
     kind: Literal["reward_model", "vader"] = "reward_model"
     model: str | None = Field(None, description="reward_model: an HF sequence-classification folder or asset alias")
 
@@ -194,6 +195,193 @@ class SweepConfig(Section):
     resume: bool = False
 
 
+SPURIOUS_KINDS = ("length", "sycophancy", "concept", "demographic", "column", "function")
+# The parameters each kind of Z reads; setting another kind's parameter is an error, not a silent no-op.
+_SPURIOUS_PARAMS = {
+    "length": {"unit", "bins"},
+    "sycophancy": {"phrases", "regex"},
+    "concept": {"keywords", "column"},
+    "demographic": {"keywords_file"},
+    "column": {"column", "chosen_column", "rejected_column", "discrete", "bins"},
+    "function": {"function", "params", "discrete", "bins"},
+}
+
+
+class SpuriousConfig(Section):
+    """One spurious variable Z, measured on every response by an extractor of `ray_crm.data.spurious`."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="used in column names: z_<name>_chosen")
+    kind: Literal["length", "sycophancy", "concept", "demographic", "column", "function"]
+    on: Literal["response", "prompt", "prompt_response"] = Field("response", description="the text Z is measured on")
+    bins: int = Field(10, ge=1, description="quantile bins of a continuous Z (a discrete Z has one per category)")
+    unit: Literal["tokens", "words", "chars"] = Field("tokens", description="length: tokens of model.name")
+    phrases: list[str] = Field(default_factory=lambda: ["Yes, you are right."], description="sycophancy: substrings")
+    regex: str | None = Field(None, description="sycophancy: a pattern searched besides the phrases")
+    keywords: dict[str, list[str]] | None = Field(None, description="concept: concept name -> whole-word keywords")
+    column: str | None = Field(None, description="column/concept: an input column holding Z for the pair")
+    chosen_column: str | None = Field(None, description="column: Z of the chosen response")
+    rejected_column: str | None = Field(None, description="column: Z of the rejected response")
+    keywords_file: str | None = Field(None, description="demographic: JSON keyword groups; None: the packaged table")
+    function: str | None = Field(None, description="function: 'package.module:function' (texts, **params) -> Z")
+    params: dict[str, Any] = Field(default_factory=dict, description="function: keyword arguments")
+    discrete: bool = Field(True, description="column/function: categories (True) or numbers with quantile bins")
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> "SpuriousConfig":
+        allowed = _SPURIOUS_PARAMS[self.kind] | {"name", "kind", "on"}
+        stray = sorted(self.model_fields_set - allowed)
+        if stray:
+            raise ValueError(f"{', '.join(stray)} not used by kind '{self.kind}' (it reads {sorted(allowed)})")
+        if self.kind == "concept" and (self.keywords is None) == (self.column is None):
+            raise ValueError("concept: give exactly one of keywords or column")
+        if self.kind == "column" and (self.column is None) == (self.chosen_column is None or self.rejected_column is None):
+            raise ValueError("column: give column (one Z per pair) or both chosen_column and rejected_column")
+        if self.kind == "function" and (self.function is None or ":" not in self.function):
+            raise ValueError("function: give function as 'package.module:function'")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return self
+
+    @property
+    def continuous(self) -> bool:
+        """Quantile-binned numbers (length, or a column/function with discrete=False) vs categories."""
+        return self.kind == "length" or (self.kind in ("column", "function") and not self.discrete)
+
+    def input_columns(self) -> list[str]:
+        return [c for c in (self.column, self.chosen_column, self.rejected_column) if c is not None]
+
+
+class ColumnsConfig(Section):
+    """Where a pair lives in an input record. Forms: pairs (prompt, chosen, rejected), HH-RLHF (whole
+    conversations in chosen/rejected, their shared prefix is the prompt) and chat-message lists."""
+
+    format: Literal["auto", "pairs", "hh", "chat"] = Field(
+        "auto", description="auto, per record: chosen is a message list -> chat; prompt column present -> pairs; else hh"
+    )
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    split: str | None = Field(None, description="a column holding train/validation/test (else a hash split)")
+    keep: list[str] = Field(default_factory=list, description="input columns copied to the output (as text)")
+    hh_marker: str = Field("\n\nAssistant:", description="hh: the prompt ends with the last shared marker")
+
+
+class ValidationConfig(Section):
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail the job above this share of bad rows")
+    on_overlong: Literal["truncate", "quarantine"] = Field(
+        "truncate", description="pairs longer than model.max_length tokens: truncated (and counted) or quarantined"
+    )
+    deduplicate: bool = Field(True, description="quarantine repeats of an earlier (prompt, chosen, rejected)")
+
+
+class SplitConfig(Section):
+    """Hash split, used when neither data.paths names the splits nor columns.split is set."""
+
+    validation: float = Field(0.05, ge=0.0, lt=1.0)
+    test: float = Field(0.05, ge=0.0, lt=1.0)
+    by: Literal["prompt", "pair"] = Field("prompt", description="prompt: a prompt never spans two splits")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> "SplitConfig":
+        if self.validation + self.test >= 1.0:
+            raise ValueError("validation + test must leave a train share (< 1)")
+        return self
+
+
+class BinningConfig(Section):
+    min_count: int = Field(20, ge=1, description="train responses a bin of one Z needs, else it is merged")
+    stratify_on: Literal["chosen", "rejected", "both"] = Field(
+        "chosen", description="the sampler's stratum: bin of the chosen, of the rejected, or of both responses"
+    )
+
+
+class VaderConfig(Section):
+    """Build preference pairs from the VADER human-rated sentences (asset 'vader') as the input."""
+
+    num_pairs: int = Field(20000, ge=1)
+    min_gap: float = Field(1.0, gt=0.0, description="the two mean ratings differ by at least this")
+    length_bias: float | None = Field(
+        None, ge=0.0, le=1.0, description="share of pairs whose chosen is the longer; None: as drawn (no bias)"
+    )
+    seed: int = 0
+
+
+class DataConfig(Section):
+    """The prepare stage: read, validate, compute Z, bin, tokenize and write preference pairs."""
+
+    paths: list[str] | dict[Literal["train", "validation", "test"], list[str]] = Field(
+        default_factory=list, description="files, folders or globs; a mapping names each split's inputs"
+    )
+    format: Literal["auto", "jsonl", "csv", "parquet", "hf"] = Field("auto", description="auto: by file extension")
+    vader: VaderConfig | None = Field(None, description="use VADER pairs as the input instead of paths")
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    binning: BinningConfig = Field(default_factory=BinningConfig)
+    spurious: list[SpuriousConfig] = Field(
+        default_factory=lambda: [SpuriousConfig(name="length", kind="length")], min_length=1
+    )
+    tokenize: bool = Field(True, description="write input ids of model.name (False: text, Z and bins only)")
+    template: Literal["auto", "text_pair", "chat"] = Field(
+        "auto", description="text_pair: tokenizer(prompt, response); chat: the chat template; auto: chat if it has one"
+    )
+    block_rows: int = Field(2048, ge=16, description="rows per Ray Data block in the heavy stage")
+    output_dir: str | None = Field(None, description="None: <output_dir>/<name>/prepare")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataConfig":
+        names = [s.name for s in self.spurious]
+        if len(set(names)) != len(names):
+            raise ValueError(f"spurious names must be unique (got {names})")
+        if self.paths and self.vader is not None:
+            raise ValueError("give data.paths or data.vader, not both")
+        return self
+
+
+BENCHMARKS = ("sycophancy", "concept", "length", "demographic")
+
+
+class BenchConfig(Section):
+    """The real-text bias benchmarks built from the VADER sentences: which, where, and how biased in train."""
+
+    names: list[Literal["sycophancy", "concept", "length", "demographic"]] = Field(
+        default_factory=lambda: list(BENCHMARKS), min_length=1, description="the benchmarks a bench/eval/audit run uses"
+    )
+    dir: str = Field("outputs/bench", description="each benchmark is written to <dir>/<name>/ (rebuilt if settings change)")
+    seed: int = 0
+    train_pairs: int = Field(2000, ge=10)
+    validation_pairs: int = Field(200, ge=10)
+    test_items: int = Field(200, ge=8, description="clean test pairs; each also gets counterfactual twins")
+    rate: float = Field(
+        0.8, ge=0.5, le=1.0,
+        description="injected correlation in train/validation: P(prefix | chosen) (1 - rate on rejected); share of "
+                    "chosen-longer pairs; share of positives among concept examples; P(favoured group | chosen)",
+    )
+    concept: str = Field("price", description="concept group of ray_crm/resources/concept_keywords.json")
+    label_margin: float = Field(1.0, gt=0.0, description="sycophancy/concept: |mean rating| a labelled sentence needs")
+    min_gap: float = Field(1.0, gt=0.0, description="length/demographic: rating gap between chosen and rejected")
+    demographic_items: int = Field(50, ge=2, description="base responses shown under all 60 demographic descriptors")
+
+
+class EvalConfig(Section):
+    """`ray-crm eval` (every metric of each benchmark) and `ray-crm audit` (counterfactual probes only)."""
+
+    models: list[str] = Field(
+        default_factory=list,
+        description="HF sequence-classification folders, optionally 'label=folder'; empty: the model train-rm "
+                    "exports for this config",
+    )
+    batch_size: int = Field(64, ge=1, description="sequences per forward pass")
+    max_length: int | None = Field(None, ge=8, description="tokens per (prompt, response); None: model.max_length")
+    reward_index: int | None = Field(None, ge=0, description="the logit used as reward by a model with several")
+    rank_n: int = Field(8, ge=2, description="responses per group in the length-per-rank curve")
+    output_dir: str | None = Field(None, description="None: <output_dir>/<name>/eval (or /audit)")
+
+
 class Config(Section):
     """The root: every stage reads the sections it needs."""
 
@@ -206,6 +394,9 @@ class Config(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def stage_dir(self, stage: str) -> Path:
         """Where a stage of this run writes: <output_dir>/<name>/<stage>."""

@@ -1,6 +1,6 @@
 """MMD between the bins of a spurious variable Z: the causal reward model's independence penalty (SPEC 2).
 
-Every bin pair is scored from one N x N kernel matrix: two `index_add`s fold it into the M x M matrix of
+Every bin pair is scored from one N x N kernel matrix: an `index_add` folds it into the M x M matrix of
 per-bin-pair kernel sums, from which all pairwise MMD^2 follow in closed form. The cost is O(N^2 + M^2) tensor
 work with no Python loop over bins, where the seed's double loop launches O(M^2) small kernels every step.
 """
@@ -51,49 +51,140 @@ class MMDConfig:
 
 @dataclass
 class MMDStats:
-    """Diagnostics of one penalty evaluation, as detached tensors (no host sync until logged)."""
+    """Diagnostics of one penalty evaluation, as detached tensors; summaries are formed only when logged."""
 
     bin_counts: Tensor  # [M] samples per bin id; negative ids are not counted
-    pairs_used: Tensor  # bin pairs that entered the penalty
-    bins_skipped: Tensor  # bins holding a single sample: an MMD needs >= 2 per side
-    max_pair_mmd: Tensor  # largest pairwise MMD^2 (0 without pairs): the worst-separated bins
+    pair_mmd: Tensor  # [M, M] MMD^2 of every bin pair, meaningful where `pairs`
     bandwidth: Tensor  # the sigma(s) used
 
+    @property
+    def pairs(self) -> Tensor:
+        """[M, M] bool, upper triangle: the bin pairs in the penalty (both bins hold >= 2 samples)."""
+        used = self.bin_counts >= 2
+        return torch.triu(used[:, None] & used[None, :], diagonal=1)
+
     def metrics(self, prefix: str = "mmd/") -> dict[str, Tensor]:
+        pairs = self.pairs
+        n_pairs = pairs.sum()
+        worst = torch.where(pairs, self.pair_mmd, -torch.inf).amax() if pairs.numel() else n_pairs * 0.0
         return {
-            f"{prefix}pairs": self.pairs_used,
+            f"{prefix}pairs": n_pairs,
             f"{prefix}bins_used": (self.bin_counts >= 2).sum(),
-            f"{prefix}bins_skipped": self.bins_skipped,
-            f"{prefix}max_pair": self.max_pair_mmd,
+            f"{prefix}bins_skipped": (self.bin_counts == 1).sum(),  # an MMD needs >= 2 samples per side
+            f"{prefix}max_pair": torch.where(n_pairs > 0, worst, 0.0),  # the worst-separated bins
             f"{prefix}bin_counts": self.bin_counts,
         }
 
 
 def _sq_dists(x: Tensor) -> Tensor:
-    """Pairwise squared distances: exact differences for scalars, the Gram expansion for vectors."""
+    """Pairwise squared distances in one fresh N x N buffer: exact differences for scalars, the Gram expansion
+    for (centred) vectors."""
     if x.dim() == 1:
-        return (x[:, None] - x[None, :]).square()
-    x = x - x.mean(0)  # centring shrinks the cancellation in |a|^2 + |b|^2 - 2ab
+        return (x[:, None] - x[None, :]).square_()
     sq = x.square().sum(1)
-    return (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
+    return torch.addmm(sq[:, None], x, x.T, alpha=-2).add_(sq).clamp_min_(0).fill_diagonal_(0)
 
 
 def _median_sigma(d2: Tensor) -> Tensor:
-    """Median heuristic over the distinct pairs of the pooled batch, without gradient."""
-    d2 = d2.detach()
-    pairs = d2[torch.ones_like(d2, dtype=torch.bool).triu_(1)]
+    """Median heuristic: the median distance over the distinct pairs of the pooled batch."""
+    pairs = d2.masked_select(torch.ones_like(d2, dtype=torch.bool).triu_(1))
     if pairs.numel() == 0:
         return d2.new_ones(())
     # sqrt is monotone, so sqrt(median d^2) is the median distance. When most values coincide the median is 0:
-    # fall back to the RMS distance so distinct values keep a usable kernel (and a gradient).
+    # fall back to the RMS distance so that distinct values keep a usable kernel (and a gradient).
     med = pairs.median()
     return torch.where(med > 0, med, pairs.mean()).sqrt().clamp_min(torch.finfo(d2.dtype).eps)
 
 
-def _rbf(d2: Tensor, sigmas: Tensor) -> Tensor:
-    """exp(-d^2 / (2 sigma^2)), averaged over the bandwidths of a mixture."""
-    kernels = [torch.exp(d2 * (-0.5 / s.square())) for s in sigmas]
-    return kernels[0] if len(kernels) == 1 else torch.stack(kernels).mean(0)
+def _rbf(d2: Tensor, coefs: list[float] | list[Tensor]) -> tuple[Tensor, Tensor, float | Tensor]:
+    """The kernel k = mean_l exp(c_l d^2), c_l = -1 / (2 sigma_l^2), and its slope dk/d(d^2) = scale * slope.
+
+    One bandwidth works in place on d2 (slope = k, scale = c): a single N x N buffer in flight.
+    """
+    if len(coefs) == 1:
+        k = d2.mul_(coefs[0]).exp_()
+        return k, k, coefs[0]
+    k, slope = torch.zeros_like(d2), torch.zeros_like(d2)
+    for c in coefs:
+        e = d2.mul(c).exp_()
+        k.add_(e)
+        slope.add_(e.mul_(c))
+    return k.div_(len(coefs)), slope.div_(len(coefs)), 1.0
+
+
+def _row_sums(k: Tensor, bins: Tensor, num_bins: int) -> Tensor:
+    """[M, N]: out[m, i] = sum of k[j, i] over j in bin m (a row-wise index_add, the fast direction)."""
+    return k.new_zeros(num_bins, k.shape[1]).index_add_(0, bins, k)
+
+
+class _BinnedMMD(torch.autograd.Function):
+    """The penalty as one autograd node whose gradient is formed in the forward pass.
+
+    The penalty is linear in the kernel, with weights set by the bin counts alone, so dP/dx is known as soon
+    as the kernel is. Forming it at once lets the kernel buffer be reused in place and freed: one N x N buffer
+    per call and ~7 passes over it, where autograd keeps three, makes ~20 passes and records ~60 small ops.
+    On one CPU thread, fresh N x N buffers (page faults) and per-op overhead, not arithmetic, dominate.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bins: Tensor, num_bins: int, cfg: MMDConfig, need_grad: bool):
+        valid = bins >= 0
+        counts = torch.bincount(bins[valid], minlength=num_bins)
+        if counts.numel() > num_bins:
+            raise ValueError(f"bin id {int(bins.max())} out of range for num_bins={num_bins}")
+        used = counts >= 2
+        keep = torch.cat([used, used.new_zeros(1)])[torch.where(valid, bins, num_bins)]  # id < 0: never used
+        idx = keep.nonzero().squeeze(1)  # this sync also makes the used-bin count free below
+        xk, bk = x.index_select(0, idx), bins.index_select(0, idx)
+        xk = xk - xk.mean(0)  # distances ignore it; it spares the gradient's x_i * sum_j h_ij - sum_j h_ij x_j
+        d2 = _sq_dists(xk)
+        if cfg.bandwidth == "median":
+            sigmas = _median_sigma(d2)[None]
+            coefs = [-0.5 / sigmas[0].square()]
+        else:
+            sigmas, coefs = d2.new_tensor(cfg.bandwidth), [-0.5 / sigma**2 for sigma in cfg.bandwidth]
+        k, slope, scale = _rbf(d2, coefs)
+        k_rows = _row_sums(k, bk, num_bins)
+        s = k.new_zeros(num_bins, num_bins).index_add_(1, bk, k_rows)  # s[m, m'] = sum k[i in m, j in m']
+
+        # Kernel means over used bins (q = 1/n there, 0 elsewhere): between bins s q q^T; within bin m a_m s[m, m]
+        # for the V-statistic, a_m (s[m, m] - n_m) for the U-statistic (k[i, i] = 1 left out).
+        n = counts.to(s.dtype)
+        q = used / n.clamp_min(1)
+        a = q / (n - 1).clamp_min(1) if cfg.unbiased else q.square()
+        within = a * (s.diagonal() - n if cfg.unbiased else s.diagonal())
+        qq = torch.outer(q, q)
+        mmd = (within[:, None] + within[None, :]).sub_(s * qq, alpha=2)
+        # Summing per-pair MMDs, not the algebraically equal (U - 1) sum(within) - sum(off-diagonal cross),
+        # avoids cancelling O(M^2) terms in fp32.
+        u = int(used.sum())  # free: the nonzero above already synced
+        r = 1 / max(u * (u - 1) // 2, 1) if cfg.reduction == "mean" else 1.0
+        penalty = torch.where(torch.triu(used[:, None] & used[None, :], diagonal=1), mmd, 0).sum() * r
+        ctx.mark_non_differentiable(counts, mmd, sigmas)
+        outputs = penalty, counts, mmd, sigmas
+        if not need_grad:
+            return outputs
+
+        # Each within-term enters U - 1 pairs, so penalty = sum_ij w[b_i, b_j] k_ij + const with the symmetric
+        # w = r (diag((U - 1) a + q^2) - q q^T); as d(d^2_ij)/dx_i = 2 (x_i - x_j),
+        # dP/dx_i = 4 sum_j w[b_i, b_j] dk_ij/d(d^2) (x_i - x_j).
+        w = torch.diag((u - 1) * a + q.square()).sub_(qq).mul_(4 * r * scale)
+        if xk.dim() == 1:  # group the sum over j by bin: [M, N] row sums, no N x N temporary
+            rows = k_rows if slope is k else _row_sums(slope, bk, num_bins)
+            rows_x = _row_sums(slope.mul_(xk[:, None]), bk, num_bins)  # slope is symmetric
+            g = (w.index_select(0, bk) * (xk * rows - rows_x).T).sum(1)
+        else:
+            h = slope.mul_(w.index_select(1, bk).index_select(0, bk))  # row gathers are the fast ones
+            g = xk * h.sum(1, keepdim=True) - h @ xk
+        ctx.save_for_backward(idx, g)
+        ctx.n = len(x)
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor, *_non_differentiable: Tensor):
+        idx, g = ctx.saved_tensors
+        return g.new_zeros((ctx.n, *g.shape[1:])).index_copy_(0, idx, g * grad), None, None, None, None
 
 
 def binned_mmd_penalty(values: Tensor, bins: Tensor, cfg: MMDConfig = MMDConfig()) -> tuple[Tensor, MMDStats]:
@@ -108,45 +199,11 @@ def binned_mmd_penalty(values: Tensor, bins: Tensor, cfg: MMDConfig = MMDConfig(
     if values.dim() not in (1, 2) or bins.shape != values.shape[:1]:
         raise ValueError(f"values must be [N] or [N, D] with bins [N]; got {tuple(values.shape)}, {tuple(bins.shape)}")
     bins = bins.long()
-    num_bins = cfg.num_bins if cfg.num_bins is not None else int(bins.max()) + 1 if bins.numel() else 0
-    valid = bins >= 0
-    counts = torch.bincount(bins[valid], minlength=num_bins)
-    if counts.numel() > num_bins:
-        raise ValueError(f"bin id {int(bins.max())} out of range for num_bins={num_bins}")
-    used = counts >= 2
-    keep = valid & used[bins.clamp_min(0)] if num_bins else valid
-    x = values[keep].to(torch.promote_types(values.dtype, torch.float32))
-    b = bins[keep]
-
-    d2 = _sq_dists(x)
-    sigmas = _median_sigma(d2)[None] if cfg.bandwidth == "median" else d2.new_tensor(cfg.bandwidth)
-    k = _rbf(d2, sigmas)
-    # s[m, m'] = sum of k[i, j] over i in bin m, j in bin m'.
-    s = k.new_zeros(num_bins, len(b)).index_add(0, b, k)
-    s = k.new_zeros(num_bins, num_bins).index_add(1, b, s)
-
-    n = counts.to(k.dtype)
-    if cfg.unbiased:  # drop the diagonal k[i, i] = 1 from each within-bin sum
-        within = (s.diagonal() - n) / (n * (n - 1)).clamp_min(1)
-    else:
-        within = s.diagonal() / n.square().clamp_min(1)
-    mmd = within[:, None] + within[None, :] - 2 * s / (n[:, None] * n[None, :]).clamp_min(1)
-    pairs = torch.triu(used[:, None] & used[None, :], diagonal=1)
-    pairs_used = pairs.sum()
-    penalty = torch.where(pairs, mmd, 0).sum()
-    if cfg.reduction == "mean":
-        penalty = penalty / pairs_used.clamp_min(1)
-
-    with torch.no_grad():
-        worst = torch.where(pairs, mmd, -torch.inf).amax() if num_bins else mmd.new_zeros(())
-        stats = MMDStats(
-            bin_counts=counts,
-            pairs_used=pairs_used,
-            bins_skipped=(counts == 1).sum(),
-            max_pair_mmd=torch.where(pairs_used > 0, worst, 0),
-            bandwidth=sigmas.detach(),
-        )
-    return penalty, stats
+    num_bins = cfg.num_bins if cfg.num_bins is not None else max(int(bins.max()) + 1, 0) if bins.numel() else 0
+    x = values.to(torch.promote_types(values.dtype, torch.float32))
+    need_grad = torch.is_grad_enabled() and x.requires_grad
+    penalty, counts, mmd, sigmas = _BinnedMMD.apply(x, bins, num_bins, cfg, need_grad)
+    return penalty, MMDStats(bin_counts=counts, pair_mmd=mmd, bandwidth=sigmas)
 
 
 def mmd2(a: Tensor, b: Tensor, cfg: MMDConfig = MMDConfig()) -> Tensor:

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from ray_crm.config import Config
+from ray_crm.data.sampler import StratifiedBatchSampler
 from ray_crm.losses import MMDConfig, crm_loss
 from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
 from ray_crm.train.metrics_log import MetricsLog
 
-COLUMNS = ("chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
+COLUMNS = ("pair_id", "chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
            "bin_chosen", "bin_rejected", "stratum")
 
 
@@ -45,13 +46,19 @@ def mmd_settings(cfg: Config, num_bins: int) -> MMDConfig:
 
 
 def _materialise(shard, columns=COLUMNS) -> dict[str, np.ndarray]:
-    """A Ray Data shard -> numpy columns in memory (reward-model data is small; the plan needs random access)."""
+    """A Ray Data shard -> numpy columns in memory, sorted by pair_id.
+
+    Reward-model data is small and the stratified plan needs random access; sorting makes every worker hold
+    the rows in the same order whatever order Ray Data streamed the blocks in.
+    """
     parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
         for key in columns:
             if key in batch:
                 parts.setdefault(key, []).append(batch[key])
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    rows = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.argsort(rows["pair_id"], kind="stable")
+    return {k: v[order] for k, v in rows.items()}
 
 
 def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -150,9 +157,6 @@ def train_loop(config: dict[str, Any]) -> None:
     val_rows = _materialise(ray.train.get_dataset_shard("validation"))
     mmd = mmd_settings(cfg, config["num_bins"])
     micro = micro_batch_size(cfg.train, world)
-
-    from ray_crm.data.sampler import StratifiedBatchSampler
-
     sampler = StratifiedBatchSampler(train_rows["stratum"], batch_size=micro * world, seed=cfg.train.seed)
     state = {"epoch": 0, "micro_step": 0, "step": 0, "resumed_from_step": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -165,7 +169,7 @@ def train_loop(config: dict[str, Any]) -> None:
             state["resumed_from_step"] = state["step"]
     train_log = MetricsLog(Path(config["log_dir"]), "train") if rank == 0 else None
     eval_log = MetricsLog(Path(config["log_dir"]), "eval") if rank == 0 else None
-    steps_per_epoch = len(sampler.batches(0)) // cfg.train.grad_accum
+    steps_per_epoch = len(sampler) // cfg.train.grad_accum
     max_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
     tick, pairs = time.perf_counter(), 0
 
@@ -178,10 +182,10 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     while state["step"] < max_steps and state["epoch"] < cfg.train.epochs:
-        plan = sampler.batches(state["epoch"])
+        plan = list(sampler.batches(state["epoch"]))
         usable = len(plan) - len(plan) % cfg.train.grad_accum
         while state["micro_step"] < usable and state["step"] < max_steps:
-            rows = _take(train_rows, plan[state["micro_step"]][rank::world])
+            rows = _take(train_rows, sampler.shard(plan[state["micro_step"]], rank, world))
             loss, metrics = _loss(cfg, engine, rows, mmd, device, global_batch=world > 1)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()

@@ -1,0 +1,74 @@
+"""(prompt, response) -> token ids, the one way every stage tokenizes a pair for a reward model.
+
+BERT-style tokenizers (no chat template) get the pair as a text pair, `[CLS] prompt [SEP] response [SEP]`
+with token type ids; decoder tokenizers get the user/assistant chat template. Pairs longer than
+`max_length` are cut: text pairs with 'longest_first' (the longer text loses tokens first), chat texts
+from the left, since a decoder reward model reads its score at the last token. The full length is
+reported so truncation is counted, never silent.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+# Encoding untruncated first (to measure) makes transformers warn about every long pair; the count is reported.
+logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    lengths: list[int]  # before truncation
+
+
+class PairEncoder:
+    def __init__(self, path: str, max_length: int, template: Literal["auto", "text_pair", "chat"] = "auto") -> None:
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+        self.max_length = max_length
+        has_chat = getattr(self.tokenizer, "chat_template", None) is not None
+        if template == "chat" and not has_chat:
+            raise ValueError(f"data.template=chat but the tokenizer at {path} has no chat template")
+        self.mode = "chat" if template == "chat" or (template == "auto" and has_chat) else "text_pair"
+        self.type_ids = self.mode == "text_pair" and "token_type_ids" in self.tokenizer.model_input_names
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text alone, without special tokens: the length Z."""
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> Encoded:
+        if self.mode == "chat":
+            return self._encode_chat(prompts, responses)
+        enc = self.tokenizer(list(prompts), list(responses))
+        ids = enc["input_ids"]
+        types = enc["token_type_ids"] if self.type_ids else None
+        lengths = [len(x) for x in ids]
+        over = [i for i, n in enumerate(lengths) if n > self.max_length]
+        if over:
+            cut = self.tokenizer([prompts[i] for i in over], [responses[i] for i in over],
+                                 truncation="longest_first", max_length=self.max_length)
+            for j, i in enumerate(over):
+                ids[i] = cut["input_ids"][j]
+                if types is not None:
+                    types[i] = cut["token_type_ids"][j]
+        return Encoded(ids, types, lengths)
+
+    def chat_text(self, prompt: str, response: str) -> str:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def _encode_chat(self, prompts: Sequence[str], responses: Sequence[str]) -> Encoded:
+        texts = [self.chat_text(p, r) for p, r in zip(prompts, responses)]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return Encoded([x[-self.max_length:] for x in ids], None, [len(x) for x in ids])
+
+
+@functools.lru_cache(maxsize=4)
+def load_encoder(path: str, max_length: int, template: str = "auto") -> PairEncoder:
+    """One encoder per process: Ray reuses worker processes, so each loads the tokenizer once."""
+    return PairEncoder(path, max_length, template)  # type: ignore[arg-type]

