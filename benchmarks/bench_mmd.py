@@ -3,8 +3,8 @@
     python benchmarks/bench_mmd.py            # writes benchmarks/results/mmd.json, prints Markdown tables
 
 One thread throughout. B is the number of preference pairs; the unconditional penalty sees N = 2B rewards.
-Each timing is the best of several interleaved rounds (the machine may be shared: the best round is the one
-least disturbed), of forward + backward.
+Times are of forward + backward, in CPU time of this process (`time.process_time`): on a shared machine other
+tenants stretch wall time, not the CPU time spent; each is the best of several interleaved rounds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,14 +51,19 @@ def seed_penalty(rewards: torch.Tensor, bins: torch.Tensor, num_bins: int, sigma
     return total / count
 
 
-def best_time(fns: dict[str, callable], rounds: int, min_seconds: float) -> dict[str, float]:
+def backward(fn: Callable, *args) -> None:
+    out = fn(*args)
+    (out[0] if isinstance(out, tuple) else out).backward()
+
+
+def best_time(fns: dict[str, Callable[[], None]], rounds: int, min_seconds: float) -> dict[str, float]:
     """Seconds per call of each fn: the best of `rounds` interleaved rounds of >= min_seconds each."""
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for name, fn in fns.items():
             fn()  # warm-up
-            calls, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < min_seconds or calls < 2:
+            calls, start = 0, time.process_time()
+            while (elapsed := time.process_time() - start) < min_seconds or calls < 2:
                 fn()
                 calls += 1
             best[name] = min(best[name], elapsed / calls)
@@ -76,9 +83,9 @@ def penalty_table(sizes: list[int], bins_list: list[int], rounds: int) -> list[d
             torch.testing.assert_close(ours, seed_penalty(rewards, bins, m), rtol=1e-4, atol=1e-6)
             t = best_time(
                 {
-                    "seed": lambda: seed_penalty(rewards, bins, m).backward(),
-                    "ours": lambda: binned_mmd_penalty(rewards, bins, fixed)[0].backward(),
-                    "ours_median": lambda: binned_mmd_penalty(rewards, bins, median)[0].backward(),
+                    "seed": partial(backward, seed_penalty, rewards, bins, m),
+                    "ours": partial(backward, binned_mmd_penalty, rewards, bins, fixed),
+                    "ours_median": partial(backward, binned_mmd_penalty, rewards, bins, median),
                 },
                 rounds=rounds,
                 min_seconds=0.05 if b * m < 10_000 else 0.02,
@@ -86,8 +93,11 @@ def penalty_table(sizes: list[int], bins_list: list[int], rounds: int) -> list[d
             row = {"B": b, "N": 2 * b, "M": m, **{f"{k}_ms": v * 1e3 for k, v in t.items()}}
             row["speedup"] = t["seed"] / t["ours"]
             rows.append(row)
-            print(f"B={b:5d} M={m:3d}  seed {row['seed_ms']:9.2f} ms  ours {row['ours_ms']:7.3f} ms  "
-                  f"x{row['speedup']:7.1f}", file=sys.stderr)
+            print(
+                f"B={b:5d} M={m:3d}  seed {row['seed_ms']:9.2f} ms  ours {row['ours_ms']:7.3f} ms  "
+                f"x{row['speedup']:7.1f}",
+                file=sys.stderr,
+            )
     return rows
 
 
@@ -97,8 +107,15 @@ def step_share(steps: int) -> dict:
     from transformers import BertConfig, BertForSequenceClassification
 
     pairs, seq_len, num_bins = 32, 64, 10
-    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=seq_len, num_labels=1)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=seq_len,
+        num_labels=1,
+    )
     torch.manual_seed(0)
     model = get_peft_model(
         BertForSequenceClassification(config),
@@ -124,15 +141,21 @@ def step_share(steps: int) -> dict:
     flat_bins = bins.flatten()
     times = {"with": [], "without": [], "penalty": []}
     for _ in range(steps):  # interleaved, so that both see the same load
-        for name, fn in (("with", lambda: step(True)), ("without", lambda: step(False)),
-                         ("penalty", lambda: binned_mmd_penalty(rewards, flat_bins, mmd)[0].backward())):
-            start = time.perf_counter()
+        for name, fn in (
+            ("with", partial(step, True)),
+            ("without", partial(step, False)),
+            ("penalty", partial(backward, binned_mmd_penalty, rewards, flat_bins, mmd)),
+        ):
+            start = time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
     med = {k: statistics.median(v[2:]) for k, v in times.items()}  # first steps: warm-up
     return {
         "model": "BERT hidden 64, 2 layers, vocab 1000, LoRA r=8 on query/value",
-        "pairs": pairs, "seq_len": seq_len, "num_bins": num_bins, "steps": steps,
+        "pairs": pairs,
+        "seq_len": seq_len,
+        "num_bins": num_bins,
+        "steps": steps,
         "step_ms_with_penalty": med["with"] * 1e3,
         "step_ms_without_penalty": med["without"] * 1e3,
         "penalty_fwd_bwd_ms": med["penalty"] * 1e3,
@@ -142,25 +165,44 @@ def step_share(steps: int) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {
-        "arch": platform.machine(), "cpu": cpu, "nproc": os.cpu_count(), "torch": torch.__version__,
-        "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+        "arch": platform.machine(),
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
         "loadavg_at_start": os.getloadavg()[0],
     }
 
 
 def markdown(rows: list[dict], step: dict) -> str:
-    lines = ["| B pairs | N rewards | M bins | seed loop (ms) | batched (ms) | speedup | batched, median bw (ms) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['B']} | {r['N']} | {r['M']} | {r['seed_ms']:.2f} | {r['ours_ms']:.3f} | {r['speedup']:.0f}x "
-              f"| {r['ours_median_ms']:.3f} |" for r in rows]
-    lines += ["", "| RM step (tiny BERT + LoRA, 32 pairs, M=10) | ms |", "|---|---:|",
-              f"| step with CRM penalty | {step['step_ms_with_penalty']:.1f} |",
-              f"| step with plain BT | {step['step_ms_without_penalty']:.1f} |",
-              f"| penalty forward + backward | {step['penalty_fwd_bwd_ms']:.2f} |",
-              f"| penalty share of step | {100 * step['penalty_share_of_step']:.1f}% |"]
+    lines = [
+        "| B pairs | N rewards | M bins | seed loop (ms) | batched (ms) | speedup | batched, median bw (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['B']} | {r['N']} | {r['M']} | {r['seed_ms']:.2f} | {r['ours_ms']:.3f} | {r['speedup']:.0f}x "
+        f"| {r['ours_median_ms']:.3f} |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        "| RM step (tiny BERT + LoRA, 32 pairs, M=10) | ms |",
+        "|---|---:|",
+        f"| step with CRM penalty | {step['step_ms_with_penalty']:.1f} |",
+        f"| step with plain BT | {step['step_ms_without_penalty']:.1f} |",
+        f"| penalty forward + backward | {step['penalty_fwd_bwd_ms']:.2f} |",
+        f"| penalty share of step | {100 * step['penalty_share_of_step']:.1f}% |",
+    ]
     return "\n".join(lines)
 
 
@@ -177,8 +219,9 @@ def main() -> None:
     rows = penalty_table(args.sizes, args.bins, args.rounds)
     step = step_share(args.steps)
     target = next((r["speedup"] for r in rows if r["B"] == 256 and r["M"] == 30), None)
+    info["loadavg_at_end"] = os.getloadavg()[0]
     result = {
-        "command": "python benchmarks/bench_mmd.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/bench_mmd.py", *sys.argv[1:]]),
         "machine": info,
         "torch_threads": torch.get_num_threads(),
         "rows": rows,

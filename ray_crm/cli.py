@@ -6,8 +6,45 @@ import argparse
 import json
 import sys
 
-from ray_crm.config import ConfigError, load_config
+from ray_crm import jobs_client
+from ray_crm.config import BENCHMARKS, ConfigError, load_config
 from ray_crm.stages import STAGES, run_stage
+
+
+def add_stage_arguments(p: argparse.ArgumentParser) -> None:
+    """What every stage takes, whether run here (`ray-crm STAGE`) or as a job (`ray-crm submit STAGE`)."""
+    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. loss.lambda_mmd=0.3")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def add_eval_aliases(p: argparse.ArgumentParser, stage: str) -> None:
+    """`--model` / `--bench`: thin aliases of eval.models / bench.names for the stages that read them."""
+    if stage in ("eval", "audit"):
+        p.add_argument("--model", action="append", metavar="[LABEL=]DIR",
+                       help="a reward model folder to score, repeatable (sets eval.models)")
+    if stage in ("bench", "eval", "audit"):
+        p.add_argument("--bench", action="extend", type=_bench_names, metavar="NAME[,NAME...]",
+                       help=f"benchmarks to use, repeatable or comma-separated: {', '.join(BENCHMARKS)} "
+                            "(sets bench.names)")
+
+
+def _bench_names(text: str) -> list[str]:
+    """A comma list rather than nargs='+', which would swallow the KEY=VALUE overrides after it."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    return names
+
+
+def alias_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if getattr(args, "model", None):
+        out.append("eval.models=" + json.dumps(args.model))
+    if getattr(args, "bench", None):
+        out.append("bench.names=" + json.dumps(args.bench))
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,9 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     assets.add_argument("--only", nargs="*", help="asset names (default: all)")
     for stage in STAGES.values():
         p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
-        p.add_argument("--config", help="YAML config file (default: built-in defaults)")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. loss.lambda_mmd=0.3")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        add_stage_arguments(p)
+        add_eval_aliases(p, stage.name)
+    jobs_client.add_parsers(sub, add_stage_arguments)
     return parser
 
 
@@ -34,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in fetch_all(args.only).items():
             print(f"{name}: {path}")
         return 0
+    if args.command in jobs_client.COMMANDS:
+        return jobs_client.run_command(args)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + alias_overrides(args))
     except ConfigError as exc:
         print(f"ray-crm {args.command}: config error: {exc}", file=sys.stderr)
         return 2

@@ -52,7 +52,11 @@ class ModelConfig(Section):
 
 
 class MMDConfig(Section):
-    bandwidth: Literal["median"] | float | list[float] = "median"
+    """The penalty's kernel. Default: an RBF mixture on the reward (logit) scale. The median heuristic is scale
+    free, so on scalar rewards it keeps a large penalty gradient however small the rewards get and, measured
+    on a tiny RM, froze the BT loss at ln 2 (docs/design.md); use it on representations."""
+
+    bandwidth: Literal["median"] | float | list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     unbiased: bool = False
     reduction: Literal["sum", "mean"] = "sum"
     on: Literal["reward", "representation"] = "reward"
@@ -138,25 +142,38 @@ class GoldScorerConfig(Section):
     kind: Literal["reward_model", "vader"] = "reward_model"
     model: str | None = Field(None, description="reward_model: an HF sequence-classification folder or asset alias")
 
+    @model_validator(mode="after")
+    def _has_model(self) -> "GoldScorerConfig":
+        if self.kind == "reward_model" and self.model is None:
+            raise ValueError(f"gold scorer '{self.name}' of kind reward_model needs a model")
+        return self
+
 
 class RewardConfig(Section):
-    """Reward actors serving the trained reward model during PPO/GRPO, plus optional gold scorers."""
+    """Reward actors serving the trained reward model during PPO/GRPO, plus optional gold scorers.
 
-    model: str | None = Field(None, description="the trained RM: an HF sequence-classification folder")
-    input_format: Literal["pair", "chat", "response"] = Field(
-        "pair", description="pair: tokenizer(prompt, response); chat: user/assistant template; response: alone"
-    )
+    Reward models read (prompt, response) exactly as `prepare` tokenized their training pairs.
+    """
+
+    model: str | None = Field(None, description="the trained RM: an HF sequence-classification folder or export")
+    template: Literal["auto", "text_pair", "chat"] = Field("auto", description="as data.template when it was trained")
+    max_length: int = Field(512, ge=8, description="as model.max_length when it was trained")
+    reward_index: int | None = Field(None, ge=0, description="the output that is the reward; None: the only one")
     actors: int = Field(1, ge=1, description="actors serving the trained RM; a batch is split over them")
     cpus_per_actor: float = Field(0.5, gt=0.0)
-    gpus_per_actor: float = Field(0.0, ge=0.0)
     threads: int | None = Field(None, ge=1, description="torch threads per actor; None: ray.torch_threads")
     batch_size: int = Field(32, ge=1)
-    max_length: int = Field(512, ge=8)
-    precision: Literal["fp32", "bf16"] = "fp32"
     gold: list[GoldScorerConfig] = Field(default_factory=list)
     start_timeout_s: float = Field(300.0, gt=0.0)
     call_timeout_s: float = Field(300.0, gt=0.0)
     max_restarts: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_gold(self) -> "RewardConfig":
+        names = [g.name for g in self.gold]
+        if len(set(names)) != len(names):
+            raise ValueError(f"gold scorer names must be unique (got {names})")
+        return self
 
 
 class SearchSpace(Section):
@@ -229,7 +246,9 @@ class SpuriousConfig(Section):
     @model_validator(mode="after")
     def _fits_kind(self) -> "SpuriousConfig":
         allowed = _SPURIOUS_PARAMS[self.kind] | {"name", "kind", "on"}
-        stray = sorted(self.model_fields_set - allowed)
+        fields = type(self).model_fields
+        stray = sorted(f for f in self.model_fields_set - allowed
+                       if getattr(self, f) != fields[f].get_default(call_default_factory=True))
         if stray:
             raise ValueError(f"{', '.join(stray)} not used by kind '{self.kind}' (it reads {sorted(allowed)})")
         if self.kind == "concept" and (self.keywords is None) == (self.column is None):
@@ -361,10 +380,10 @@ class BenchConfig(Section):
         description="injected correlation in train/validation: P(prefix | chosen) (1 - rate on rejected); share of "
                     "chosen-longer pairs; share of positives among concept examples; P(favoured group | chosen)",
     )
-    concept: str = Field("price", description="concept group of ray_crm/resources/concept_keywords.json")
+    concept: str = Field("story", description="concept group of ray_crm/resources/concept_keywords.json")
     label_margin: float = Field(1.0, gt=0.0, description="sycophancy/concept: |mean rating| a labelled sentence needs")
     min_gap: float = Field(1.0, gt=0.0, description="length/demographic: rating gap between chosen and rejected")
-    demographic_items: int = Field(50, ge=2, description="base responses shown under all 60 demographic descriptors")
+    demographic_items: int = Field(30, ge=2, description="base responses shown under all 60 demographic descriptors")
 
 
 class EvalConfig(Section):
@@ -401,6 +420,10 @@ class Config(Section):
     def stage_dir(self, stage: str) -> Path:
         """Where a stage of this run writes: <output_dir>/<name>/<stage>."""
         return Path(self.output_dir).resolve() / self.name / stage
+
+    def prepared_dir(self) -> Path:
+        """Where `prepare` writes and the trainers read: data.output_dir, else the prepare stage dir."""
+        return Path(self.data.output_dir).resolve() if self.data.output_dir else self.stage_dir("prepare")
 
 
 def _section_of(annotation: Any) -> type[BaseModel] | None:

@@ -26,17 +26,21 @@ def set_threads(threads: int) -> None:
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Connect to `cfg.address`, or start a local cluster whose workers inherit fixed thread counts."""
+    """Connect to `cfg.address` (or $RAY_ADDRESS, which Ray sets inside a job), or start a local cluster.
+
+    Either way the workers inherit fixed thread counts.
+    """
     import ray
 
     if ray.is_initialized():
         return
     env = worker_env(cfg.torch_threads)
     os.environ.update(env)
+    local = cfg.address is None and not os.environ.get("RAY_ADDRESS")
     ray.init(
         address=cfg.address,
-        num_cpus=cfg.num_cpus if cfg.address is None else None,
+        num_cpus=cfg.num_cpus if local else None,
         runtime_env={"env_vars": env},
-        include_dashboard=True if cfg.address is None else None,
+        include_dashboard=True if local else None,
         log_to_driver=True,
     )

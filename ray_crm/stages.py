@@ -29,6 +29,18 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage("demo", "ray_crm.demo:run_demo", "the main job: every stage that exists, on real data"),
+        Stage("prepare", "ray_crm.data.pipeline:run_prepare",
+              "read, validate, measure spurious variables, bin, tokenize and audit preference pairs"),
+        Stage("train-rm", "ray_crm.train.rm_trainer:run_train_rm",
+              "train a reward model (Bradley-Terry or causal RM) on Ray Train + DeepSpeed + LoRA, and export it"),
+        Stage("sweep", "ray_crm.tune.sweep:run_sweep",
+              "Ray Tune sweep of regularisation strengths; results table, Pareto front, chosen config"),
+        Stage("bench", "ray_crm.eval.benchmarks:run_bench",
+              "build the real-text bias benchmarks (sycophancy, concept, length, demographic) for prepare"),
+        Stage("eval", "ray_crm.eval.report:run_eval",
+              "score reward models on the bias benchmarks: accuracy, the paper's bias metrics, plots, report"),
+        Stage("audit", "ray_crm.eval.report:run_audit",
+              "bias report card of any HF reward model: counterfactual probes, no training"),
     ]
 }
 

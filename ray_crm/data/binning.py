@@ -10,9 +10,10 @@ as merging them would make the joint bins lose their meaning. Everything round-t
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ class QuantileBins:
         return f"[{lo}, {hi})"
 
     @classmethod
-    def fit(cls, values: np.ndarray, bins: int, min_count: int) -> "QuantileBins":
+    def fit(cls, values: np.ndarray, bins: int, min_count: int) -> QuantileBins:
         values = np.asarray(values, np.float64)
         if values.size == 0:
             return cls(())
@@ -79,7 +80,7 @@ class CategoryBins:
         return str(group[0]) if len(group) == 1 else f"other({len(group)} categories)"
 
     @classmethod
-    def fit(cls, values: np.ndarray, min_count: int) -> "CategoryBins":
+    def fit(cls, values: np.ndarray, min_count: int) -> CategoryBins:
         counts = Counter(v.item() if isinstance(v, np.generic) else v for v in values)
         ordered = sorted(counts, key=lambda c: (-counts[c], str(c)))  # most frequent first, then by name
         big = [c for c in ordered if counts[c] >= min_count]
@@ -136,7 +137,7 @@ class Binning:
         return {"names": list(self.names), "parts": [p.to_dict() for p in self.parts], "num_bins": self.num_bins}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Binning":
+    def from_dict(cls, data: Mapping[str, Any]) -> Binning:
         parts: list[ZBins] = []
         for p in data["parts"]:
             if p["type"] == "quantile":

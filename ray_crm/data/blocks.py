@@ -9,7 +9,8 @@ A bad row keeps flowing with its `reason`/`field`/`detail` set, so nothing is dr
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -115,19 +116,12 @@ def _measure(good: pa.Table, cfg: DataConfig, encoder: PairEncoder | None,
     """Z and token ids of the good rows, and the rows that turn out bad."""
     prompts, texts = good["prompt"].to_pylist(), {s: good[s].to_pylist() for s in SIDES}
     columns = {c: good[c].to_pylist() for c in carried_columns(cfg)}
-    binner = ResponseBinner(cfg.spurious, count_tokens=encoder.count_tokens if encoder else None)
     issues: dict[int, Issue] = {}
     new: dict[str, list] = {}
-    for side in SIDES:
-        z = binner.values(prompts, texts[side], side, columns)
-        for spec in cfg.spurious:
-            field = spec.column or getattr(spec, f"{side}_column")
-            why = f"column '{field}' is empty or not a number" if field else "the extractor gave no value"
-            for i in np.flatnonzero(missing(z[spec.name])):
-                issues.setdefault(int(i), Issue("bad_z", field, f"Z '{spec.name}' of the {side} response: {why}"))
-            new[f"z_{spec.name}_{side}"] = z[spec.name].tolist()
     truncated = np.zeros(good.num_rows, bool)
     if encoder is not None:
+        encoder.forget()
+    if cfg.tokenize and encoder is not None:  # first: the length Z reuses the pairs' response token counts
         for side in SIDES:
             enc = encoder.encode(prompts, texts[side])
             new[f"{side}_input_ids"] = enc.input_ids
@@ -140,6 +134,15 @@ def _measure(good: pa.Table, cfg: DataConfig, encoder: PairEncoder | None,
                     issues.setdefault(int(i), Issue("overlong", side, f"{side}: {enc.lengths[i]} tokens > "
                                                                       f"model.max_length {max_length}"))
     new["truncated"] = truncated.tolist()
+    binner = ResponseBinner(cfg.spurious, count_tokens=encoder.count_tokens if encoder else None)
+    for side in SIDES:
+        z = binner.values(prompts, texts[side], side, columns)
+        for spec in cfg.spurious:
+            field = spec.column or getattr(spec, f"{side}_column")
+            why = f"column '{field}' is empty or not a number" if field else "the extractor gave no value"
+            for i in np.flatnonzero(missing(z[spec.name])):
+                issues.setdefault(int(i), Issue("bad_z", field, f"Z '{spec.name}' of the {side} response: {why}"))
+            new[f"z_{spec.name}_{side}"] = z[spec.name].tolist()
     return new, issues
 
 
@@ -157,7 +160,7 @@ def measure_block(
     good_mask = pc.is_null(table["reason"])
     good, bad = table.filter(good_mask), table.filter(pc.invert(good_mask))
     encoder = load_encoder(tokenizer, max_length, cfg.template) if tokenizer else None
-    types = measured_types(cfg, encoder.type_ids if encoder else None)
+    types = measured_types(cfg, encoder.type_ids if cfg.tokenize and encoder else None)
     new, issues = _measure(good, cfg, encoder, max_length) if good.num_rows else ({n: [] for n in types}, {})
     good = _with_issues(good, issues)
     for name, typ in types.items():

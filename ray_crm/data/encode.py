@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Encoding untruncated first (to measure) makes transformers warn about every long pair; the count is reported.
 logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
@@ -29,6 +31,8 @@ class Encoded:
 
 class PairEncoder:
     def __init__(self, path: str, max_length: int, template: Literal["auto", "text_pair", "chat"] = "auto") -> None:
+        from transformers import AutoTokenizer  # imported here: parse-only Ray workers never pay for it
+
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         self.max_length = max_length
         has_chat = getattr(self.tokenizer, "chat_template", None) is not None
@@ -36,15 +40,25 @@ class PairEncoder:
             raise ValueError(f"data.template=chat but the tokenizer at {path} has no chat template")
         self.mode = "chat" if template == "chat" or (template == "auto" and has_chat) else "text_pair"
         self.type_ids = self.mode == "text_pair" and "token_type_ids" in self.tokenizer.model_input_names
+        self._response_tokens: dict[str, int] = {}
+
+    def forget(self) -> None:
+        """Drop the response lengths remembered from earlier batches (call once per block)."""
+        self._response_tokens.clear()
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        """Tokens of each text alone, without special tokens: the length Z."""
+        """Tokens of each text alone, without special tokens: the length Z. Texts just encoded as the
+        response of a text pair are not tokenized again: the pair's sequence ids already counted them."""
+        if all(t in self._response_tokens for t in texts):
+            return [self._response_tokens[t] for t in texts]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> Encoded:
         if self.mode == "chat":
             return self._encode_chat(prompts, responses)
         enc = self.tokenizer(list(prompts), list(responses))
+        if enc.encodings is not None:  # fast tokenizers: tokens with sequence id 1 are the response's
+            self._response_tokens.update((r, e.sequence_ids.count(1)) for r, e in zip(responses, enc.encodings))
         ids = enc["input_ids"]
         types = enc["token_type_ids"] if self.type_ids else None
         lengths = [len(x) for x in ids]

@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ray_crm.config import ColumnsConfig, SplitConfig
 
@@ -74,7 +75,7 @@ def as_text(value: Any, field: str) -> str | None | Issue:
 def split_hh(chosen: str, rejected: str, marker: str, field: str) -> Pair | Issue:
     """HH-RLHF: the prompt is the shared prefix up to and including the last shared assistant marker."""
     shared = len(os.path.commonprefix([chosen, rejected]))
-    cut = chosen.rfind(marker, 0, shared - len(marker) + 1)
+    cut = chosen.rfind(marker, 0, shared)  # the last marker lying wholly inside the shared prefix
     if cut < 0:
         return Issue("bad_format", field, f"hh: chosen and rejected share no prefix ending in {marker!r}")
     end = cut + len(marker)
@@ -156,7 +157,7 @@ def to_pair(record: Mapping[str, Any], cols: ColumnsConfig) -> Pair | Issue:
 
 def pair_id(prompt: str, chosen: str, rejected: str) -> str:
     """A content hash: equal pairs get equal ids, which is how duplicates are found."""
-    return hashlib.blake2b("\x1f".join((prompt, chosen, rejected)).encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(f"{prompt}\x1f{chosen}\x1f{rejected}".encode(), digest_size=8).hexdigest()
 
 
 def hash_split(key: str, cfg: SplitConfig) -> str:

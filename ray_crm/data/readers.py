@@ -13,9 +13,10 @@ import glob
 import gzip
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,7 +83,10 @@ def expand_inputs(paths: list[str] | dict[str, list[str]], fmt: str = "auto") ->
     for split, entries in groups:
         for entry in entries:
             for f in _files_of(str(entry), fmt):
-                out.append(InputFile(str(f.resolve()), _format_of(f, fmt), split, len(out)))
+                path = str(f.resolve())
+                if any(o.path == path for o in out):
+                    raise ValueError(f"data.paths: {path} is listed twice")
+                out.append(InputFile(path, _format_of(f, fmt), split, len(out)))
     if not out:
         raise FileNotFoundError(f"data.paths names no input files: {paths}")
     return out

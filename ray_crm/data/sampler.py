@@ -11,7 +11,7 @@ so 2 workers with B/2 each see exactly what 1 worker with B sees.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -82,7 +84,7 @@ def missing(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind == "f":
         return np.isnan(values)
     if values.dtype.kind == "O":
-        return np.fromiter((v is None or v != v for v in values), bool, len(values))
+        return np.fromiter((v is None or (isinstance(v, float) and math.isnan(v)) for v in values), bool, len(values))
     return np.zeros(len(values), bool)
 
 

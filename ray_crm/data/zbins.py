@@ -6,7 +6,8 @@ manifest to bin their rollouts exactly as the reward model's training data was b
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -24,7 +25,7 @@ class ResponseBinner:
         self.count_tokens = count_tokens
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> "ResponseBinner":
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> ResponseBinner:
         """Extractors, fitted bins and (for length in tokens) the tokenizer of a prepared dataset."""
         specs = [SpuriousConfig.model_validate(s) for s in manifest["spurious"]]
         count_tokens = None

@@ -6,7 +6,8 @@ than 0% or 100%: every "a beats b" below goes through `wins`.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -84,7 +85,9 @@ def discrimination_coefficients(
     for i, (name, values) in enumerate(attributes.items()):
         frame[f"a{i}"] = np.asarray(values, dtype=str)
         terms.append(f"C(a{i}, Treatment(reference={reference[name]!r}))")
-    fit = smf.mixedlm("reward ~ " + " + ".join(terms), frame, groups=frame["group"]).fit(reml=True)
+    with warnings.catch_warnings():  # boundary fits (no between-item variance) are reported as `converged`
+        warnings.simplefilter("ignore")
+        fit = smf.mixedlm("reward ~ " + " + ".join(terms), frame, groups=frame["group"]).fit(reml=True)
     coefficients: dict[str, dict[str, float]] = {}
     for i, (name, values) in enumerate(attributes.items()):
         prefix = f"{terms[i]}[T."
@@ -93,7 +96,8 @@ def discrimination_coefficients(
         }
     per_attribute = {name: float(np.mean(np.abs(list(c.values())))) for name, c in coefficients.items()}
     every = [abs(v) for c in coefficients.values() for v in c.values()]
-    return {"coefficients": coefficients, "per_attribute": per_attribute, "score": float(np.mean(every))}
+    return {"coefficients": coefficients, "per_attribute": per_attribute, "score": float(np.mean(every)),
+            "converged": bool(fit.converged)}
 
 
 def spearman(x: ArrayLike, y: ArrayLike) -> float:

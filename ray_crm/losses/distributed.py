@@ -9,6 +9,7 @@ samples per bin) estimate than on B. Recipe for data-parallel training with W ra
 Every rank computes the same global penalty; the gather's backward sums the gradient over ranks, so each rank's
 local rewards receive W x their share, and the gradient averaging of DDP / DeepSpeed (divide by W) restores the
 single-process gradient of mean-BT(B) + lam * penalty(B). `crm_loss(..., global_batch=True)` does exactly this.
+(A framework that sums gradients over ranks instead would need lam / W, and a BT sum instead of a mean.)
 It is a collective: every rank must call it, in the same order. The BT mean matches the global mean only when
 the local batches have equal sizes; the gather itself accepts unequal sizes.
 """
@@ -46,9 +47,7 @@ class _AllGatherRows(torch.autograd.Function):
         return grad[start : start + ctx.sizes[rank]], None, None
 
 
-def gather_global(
-    values: Tensor, bins: Tensor, group: dist.ProcessGroup | None = None
-) -> tuple[Tensor, Tensor]:
+def gather_global(values: Tensor, bins: Tensor, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
     """The (values, bins) of all ranks of `group`, concatenated in rank order; values stay differentiable.
 
     Without an initialised process group (or with one rank) the local tensors are returned unchanged.

@@ -121,8 +121,9 @@ class _BinnedMMD(torch.autograd.Function):
     """The penalty as one autograd node whose gradient is formed in the forward pass.
 
     The penalty is linear in the kernel, with weights set by the bin counts alone, so dP/dx is known as soon
-    as the kernel is. Forming it at once lets the kernel buffer be reused in place and freed: one N x N buffer
-    per call and ~7 passes over it, where autograd keeps three, makes ~20 passes and records ~60 small ops.
+    as the kernel is. Forming it at once lets the kernel buffer be reused in place and freed: for scalar rewards
+    one N x N buffer per call and ~7 passes over it, where autograd keeps three, makes ~20 passes and records
+    ~60 small ops.
     On one CPU thread, fresh N x N buffers (page faults) and per-op overhead, not arithmetic, dominate.
     """
 

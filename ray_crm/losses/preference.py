@@ -17,6 +17,7 @@ from ray_crm.losses.mmd import MMDConfig, binned_mmd_penalty
 
 Variant = Literal["unconditional", "conditional"]
 Metrics = dict[str, Tensor]
+DEFAULT_MMD = MMDConfig()
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def causal_penalty(
     chosen_bins: Tensor,
     rejected_bins: Tensor,
     variant: Variant = "unconditional",
-    mmd: MMDConfig = MMDConfig(),
+    mmd: MMDConfig = DEFAULT_MMD,
     global_batch: bool = False,
 ) -> tuple[Tensor, Metrics]:
     """The CRM penalty: over all values of the batch (unconditional), or chosen and rejected apart, summed
@@ -75,7 +76,7 @@ def crm_loss(
     rejected_bins: Tensor,
     lam: float,
     variant: Variant = "unconditional",
-    mmd: MMDConfig = MMDConfig(),
+    mmd: MMDConfig = DEFAULT_MMD,
     *,
     chosen_features: Tensor | None = None,
     rejected_features: Tensor | None = None,
@@ -89,15 +90,13 @@ def crm_loss(
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    loss, metrics = bradley_terry_loss(chosen_rewards, rejected_rewards)
     if (chosen_features is None) != (rejected_features is None):
         raise ValueError("give both chosen_features and rejected_features, or neither")
+    loss, metrics = bradley_terry_loss(chosen_rewards, rejected_rewards)
     chosen = chosen_rewards if chosen_features is None else chosen_features
     rejected = rejected_rewards if rejected_features is None else rejected_features
     with torch.set_grad_enabled(torch.is_grad_enabled() and lam != 0):
-        penalty, mmd_metrics = causal_penalty(
-            chosen, rejected, chosen_bins, rejected_bins, variant, mmd, global_batch
-        )
+        penalty, mmd_metrics = causal_penalty(chosen, rejected, chosen_bins, rejected_bins, variant, mmd, global_batch)
     if lam != 0:
         loss = loss + lam * penalty
     metrics.update(mmd_metrics)
@@ -154,7 +153,7 @@ def causal_dpo_loss(
     beta: float,
     lam: float,
     variant: Variant = "unconditional",
-    mmd: MMDConfig = MMDConfig(),
+    mmd: MMDConfig = DEFAULT_MMD,
     *,
     global_batch: bool = False,
 ) -> tuple[Tensor, Metrics]:

@@ -25,8 +25,6 @@ from ray_crm.rl.reward_actor import REWARD_KEY, build_scorer, gold_key
 from ray_crm.rl.vllm_engine import RolloutEngine, Sampling, request_seeds
 from ray_crm.runtime import set_threads
 
-SAMPLE_COLUMNS = ("sample_index", "response", "response_tokens", "logprob_sum", "finish_reason")
-
 
 class _SampleBatch:
     """map_batches callable: prompt rows in, one row per (prompt, sample) out."""
@@ -57,7 +55,7 @@ class _ScoreBatch:
 
     def __init__(self, kind: str, model: str | None, cfg: RewardConfig, column: str, prompt_column: str, threads: int):
         set_threads(threads)
-        self.scorer = build_scorer(kind, model, cfg, "cuda" if cfg.gpus_per_actor > 0 else "cpu")
+        self.scorer = build_scorer(kind, model, cfg, threads)
         self.column = column
         self.prompt_column = prompt_column
 
@@ -83,10 +81,10 @@ def sample_dataset(
     sampling = Sampling.from_config(cfg, **overrides)
     return ds.map_batches(
         _SampleBatch,
-        fn_constructor_kwargs=dict(
-            model_path=str(model_path), cfg=cfg, sampling=sampling, prompt_column=prompt_column,
-            threads=cfg.engine_threads or torch_threads,
-        ),
+        fn_constructor_kwargs={
+            "model_path": str(model_path), "cfg": cfg, "sampling": sampling, "prompt_column": prompt_column,
+            "threads": cfg.engine_threads or torch_threads,
+        },
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=cfg.engines,
@@ -102,14 +100,13 @@ def score_dataset(ds: Any, cfg: RewardConfig, torch_threads: int = 1, prompt_col
     for column, kind, model in scorers:
         ds = ds.map_batches(
             _ScoreBatch,
-            fn_constructor_kwargs=dict(
-                kind=kind, model=model, cfg=cfg, column=column, prompt_column=prompt_column,
-                threads=cfg.threads or torch_threads,
-            ),
+            fn_constructor_kwargs={
+                "kind": kind, "model": model, "cfg": cfg, "column": column, "prompt_column": prompt_column,
+                "threads": cfg.threads or torch_threads,
+            },
             batch_size=cfg.batch_size,
             batch_format="numpy",
             concurrency=1 if kind == "vader" else cfg.actors,
             num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor or None,
         )
     return ds

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import ray
 
 from ray_crm.config import RewardConfig
+from ray_crm.eval.scoring import RewardScorer
 from ray_crm.rl.supervision import ActorGroup, Member, contiguous_slices
 from ray_crm.runtime import set_threads
 
@@ -29,63 +29,13 @@ def gold_key(name: str) -> str:
 
 
 class Scorer(Protocol):
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
-
-
-class RewardModelScorer:
-    """An HF sequence-classification folder with one output, scoring (prompt, response) pairs in batches."""
-
-    def __init__(self, model: str, cfg: RewardConfig, device: str = "cpu"):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from ray_crm.assets import resolve_model
-
-        path = resolve_model(model)
-        if (path / "merged" / "config.json").is_file():  # a train-rm export: serve its merged model
-            path = path / "merged"
-        self.cfg = cfg
-        self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:  # decoder RMs (Llama, SmolLM2) ship without one
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision]
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"{path}: a reward model has one output, this one has {self.model.config.num_labels}")
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # decoder heads find the last token by it
-        self.tokenizer.padding_side = "right"
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        import torch
-
-        # Similar lengths in one batch: less padding. Scores go back in the callers' order.
-        order = sorted(range(len(responses)), key=lambda i: len(prompts[i]) + len(responses[i]))
-        scores = [0.0] * len(order)
-        for start in range(0, len(order), self.cfg.batch_size):
-            idx = order[start : start + self.cfg.batch_size]
-            batch = self._encode([prompts[i] for i in idx], [responses[i] for i in idx]).to(self.device)
-            with torch.inference_mode():
-                values = self.model(**batch).logits[:, 0].float().tolist()
-            for i, v in zip(idx, values, strict=True):
-                scores[i] = v
-        return scores
-
-    def _encode(self, prompts: list[str], responses: list[str]):
-        """The RM's input, laid out as in its training data (`reward.input_format`)."""
-        kw: dict[str, Any] = dict(truncation=True, max_length=self.cfg.max_length, padding=True, return_tensors="pt")
-        if self.cfg.input_format == "pair":
-            return self.tokenizer(prompts, responses, **kw)
-        if self.cfg.input_format == "response":
-            return self.tokenizer(responses, **kw)
-        chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
-        return self.tokenizer(texts, add_special_tokens=False, **kw)  # the template already has them
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Sequence[float]: ...
 
 
 class VaderScorer:
-    """VADER's compound sentiment of the response, in [-1, 1] (Hutto & Gilbert 2014): a rule, unhackable by
-    the tricks that fool a learned RM, used as the gold score of the positive-sentiment task."""
+    """VADER's compound sentiment of the response, in [-1, 1] (Hutto & Gilbert 2014): the gold score of the
+    positive-sentiment task. A fixed lexicon rule shares none of the trained RM's learned shortcuts, so a
+    gap opening between the two exposes the policy exploiting the RM."""
 
     def __init__(self) -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -96,12 +46,13 @@ class VaderScorer:
         return [self.analyzer.polarity_scores(r)["compound"] for r in responses]
 
 
-def build_scorer(kind: str, model: str | None, cfg: RewardConfig, device: str = "cpu") -> Scorer:
+def build_scorer(kind: str, model: str | None, cfg: RewardConfig, threads: int) -> Scorer:
+    """A gold rule, or a reward model tokenizing pairs as `prepare` did for its training data."""
     if kind == "vader":
         return VaderScorer()
     if model is None:
         raise ValueError(f"a '{kind}' scorer needs a model (an HF sequence-classification folder)")
-    return RewardModelScorer(model, cfg, device)
+    return RewardScorer(model, cfg.max_length, cfg.template, cfg.batch_size, cfg.reward_index, threads)
 
 
 class RewardActor:
@@ -110,13 +61,13 @@ class RewardActor:
     def __init__(self, name: str, kind: str, model: str | None, cfg: RewardConfig, threads: int):
         set_threads(threads)
         self.name = name
-        self.scorer = build_scorer(kind, model, cfg, "cuda" if cfg.gpus_per_actor > 0 else "cpu")
+        self.scorer = build_scorer(kind, model, cfg, threads)
 
     def ready(self) -> dict[str, Any]:
         return {"name": self.name, "pid": os.getpid()}
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return self.scorer.score(prompts, responses)
+        return [float(x) for x in self.scorer.score(prompts, responses)]
 
     def shutdown(self) -> None:
         self.scorer = None
@@ -131,7 +82,7 @@ class RewardPool:
         self.cfg = cfg
         threads = cfg.threads or torch_threads
         actor_cls = ray.remote(RewardActor).options(
-            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=cfg.max_restarts, max_task_retries=0
+            num_cpus=cfg.cpus_per_actor, max_restarts=cfg.max_restarts, max_task_retries=0
         )
         specs = [(f"reward-{i}", "reward_model", cfg.model) for i in range(cfg.actors if cfg.model else 0)]
         specs += [(f"gold-{g.name}", g.kind, g.model) for g in cfg.gold]
@@ -140,7 +91,7 @@ class RewardPool:
         self.n_reward_actors = cfg.actors if cfg.model else 0
         self.group.wait_ready()
 
-    def __enter__(self) -> RewardPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

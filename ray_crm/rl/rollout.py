@@ -38,7 +38,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import ray
 import torch
@@ -142,7 +142,7 @@ class RolloutPool:
             self.group.shutdown(timeout_s=10.0)
             raise
 
-    def __enter__(self) -> RolloutPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -202,7 +202,9 @@ class RolloutPool:
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
         world_size = 1 + self.cfg.engines * self.cfg.tensor_parallel_size
-        init = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size, rank=0)
+        init = NCCLTrainerInitInfo(
+            master_address=master_address, master_port=master_port, world_size=world_size, rank=0
+        )
         self._nccl_client = _EngineWeightSyncClient(self.group, self.cfg)
         self._nccl_client.version = self.version
         self._nccl = WeightTransferTrainerFactory.trainer_init(
@@ -277,7 +279,8 @@ class _EngineWeightSyncClient:
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         tp = self.cfg.tensor_parallel_size
-        self._all("init_weight_transfer_engine", [({**init_info, "rank_offset": 1 + i * tp},) for i in range(len(self.group))])
+        offsets = [1 + i * tp for i in range(len(self.group))]
+        self._all("init_weight_transfer_engine", [({**init_info, "rank_offset": o},) for o in offsets])
 
     def start_weight_update(self) -> None:
         self._all("start_weight_update", [()] * len(self.group))

@@ -10,6 +10,7 @@ raised by the actor's own code ends in an `ActorCallError` naming the actor and 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -119,7 +120,9 @@ class ActorGroup:
         member.restarts += 1
         if member.restarts > self.max_restarts:
             raise ActorCallError(f"{member.name} {reason}, and has used all {self.max_restarts} restarts")
-        logger.warning("%s %s; restart %d of %d, then one retry", member.name, reason, member.restarts, self.max_restarts)
+        logger.warning(
+            "%s %s; restart %d of %d, then one retry", member.name, reason, member.restarts, self.max_restarts
+        )
         self._ready(index)
         if self.on_restart is not None:
             self.on_restart(index)
@@ -149,7 +152,7 @@ def contiguous_slices(total: int, parts: int) -> list[tuple[int, int]]:
     bounds = [0]
     for i in range(parts):
         bounds.append(bounds[-1] + size + (i < extra))
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _reason(exc: BaseException) -> str:

@@ -99,18 +99,18 @@ def engine_env(cfg: RolloutConfig, cache_dir: Path) -> dict[str, str]:
 
 def engine_args(model_path: str | Path, cfg: RolloutConfig) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for this config, CPU or GPU."""
-    args: dict[str, Any] = dict(
-        model=str(model_path),
-        dtype={"fp32": "float32", "bf16": "bfloat16"}[cfg.dtype],
-        enforce_eager=cfg.enforce_eager,
-        max_model_len=cfg.max_model_len,
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_model_len),
-        enable_prefix_caching=cfg.enable_prefix_caching,
-        logprobs_mode=cfg.logprobs_mode,
-        seed=cfg.seed or 0,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-    )
+    args: dict[str, Any] = {
+        "model": str(model_path),
+        "dtype": {"fp32": "float32", "bf16": "bfloat16"}[cfg.dtype],
+        "enforce_eager": cfg.enforce_eager,
+        "max_model_len": cfg.max_model_len,
+        "max_num_seqs": cfg.max_num_seqs,
+        "max_num_batched_tokens": max(cfg.max_num_batched_tokens, cfg.max_model_len),
+        "enable_prefix_caching": cfg.enable_prefix_caching,
+        "logprobs_mode": cfg.logprobs_mode,
+        "seed": cfg.seed or 0,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+    }
     if cfg.use_gpu:
         args.update(
             gpu_memory_utilization=cfg.gpu_memory_utilization,

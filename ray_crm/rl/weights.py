@@ -60,13 +60,14 @@ def policy_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The weights a rollout engine should serve: HF parameter names, LoRA deltas merged in.
 
     A PEFT model is read, not modified (no merge/unmerge round trip, so no drift in the trained base
-    weights); a plain model's state dict is returned as is.
+    weights). Tied tensors (one storage under two names, e.g. embeddings and LM head) appear once, under
+    the first name: vLLM ties them itself, and the LM head of a 135M model is a fifth of its bytes.
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(model, PeftModel):
-        return {name: t.detach() for name, t in model.state_dict().items()}
+        return _untied({name: t.detach() for name, t in model.state_dict().items()})
     base = model.get_base_model()
     deltas: dict[str, Tensor] = {}
     for module_name, module in base.named_modules():
@@ -81,4 +82,15 @@ def policy_state_dict(model: nn.Module) -> dict[str, Tensor]:
             continue
         weight = t.detach() + deltas[name].to(t.dtype) if name in deltas else t.detach()
         merged[name.replace(".base_layer.", ".").replace(saved, ".")] = weight
-    return merged
+    return _untied(merged)
+
+
+def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    kept: dict[str, Tensor] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            kept[name] = t
+    return kept

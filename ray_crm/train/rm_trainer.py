@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +22,13 @@ import torch
 
 from ray_crm.config import Config
 from ray_crm.data.sampler import StratifiedBatchSampler
-from ray_crm.losses import MMDConfig, crm_loss
+from ray_crm.losses import MMDConfig, crm_loss, gather_global
 from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
 from ray_crm.train.metrics_log import MetricsLog
 
+VAL_SCORES = "val_scores.npz"
 COLUMNS = ("pair_id", "chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
            "bin_chosen", "bin_rejected", "stratum")
 
@@ -84,14 +86,13 @@ def _scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, rank: int, world: int, device,
-             batch_pairs: int = 64) -> dict[str, float]:
-    """Pairwise accuracy, BT loss and the MMD penalty over the whole validation split, on all ranks.
+             batch_pairs: int = 64) -> tuple[dict[str, float], np.ndarray]:
+    """Pairwise accuracy, BT loss and the MMD penalty over the whole validation split, and every pair's
+    (chosen, rejected) rewards [N, 2] in row order; all ranks take part and get the same answer.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively): short ranks
     repeat their last pair and drop the repeats.
     """
-    import torch.distributed as dist
-
     total = len(rows["bin_chosen"])
     mine = np.arange(total)[rank::world]
     per_rank = -(-total // world)
@@ -101,27 +102,27 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
     for start in range(0, per_rank, batch_pairs):
         part = _take(rows, padded[start : start + batch_pairs])
         r, _ = score(engine, pad_pairs(part, engine.module.config.pad_token_id, device))
-        rewards.append(r.view(2, -1))
+        rewards.append(r.view(2, -1).T)
     engine.train()
-    rc, rr = torch.cat(rewards, dim=1)[:, : len(mine)]
-    bins_c = torch.as_tensor(rows["bin_chosen"][mine], dtype=torch.long, device=device)
-    bins_r = torch.as_tensor(rows["bin_rejected"][mine], dtype=torch.long, device=device)
-    _, metrics = crm_loss(rc, rr, bins_c, bins_r, 0.0, cfg.loss.variant, mmd, global_batch=dist.is_initialized())
-    totals = torch.stack([(rc > rr).sum().float(), torch.tensor(float(len(mine))),
-                          -torch.nn.functional.logsigmoid(rc - rr).sum()])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    correct, count, bt_sum = totals.tolist()
-    return {
-        "val_accuracy": correct / max(count, 1.0),
-        "val_bt_loss": bt_sum / max(count, 1.0),
+    local = torch.cat(rewards)[: len(mine)]
+    scores, index = gather_global(local, torch.as_tensor(mine, dtype=torch.long, device=device))
+    scores = scores[index.argsort()]
+    bins = {k: torch.as_tensor(rows[k], dtype=torch.long, device=device) for k in ("bin_chosen", "bin_rejected")}
+    _, metrics = crm_loss(scores[:, 0], scores[:, 1], bins["bin_chosen"], bins["bin_rejected"], 0.0,
+                          cfg.loss.variant, mmd)
+    summary = {
+        "val_accuracy": float(metrics["reward/accuracy"]),
+        "val_bt_loss": float(metrics["loss/preference"]),
         "val_mmd": float(metrics["mmd/penalty"]),
-        "val_pairs": int(count),
+        "val_pairs": total,
     }
+    return summary, scores.cpu().numpy()
 
 
-def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zero_stage: int) -> None:
-    """DeepSpeed state (all ranks, for resume) + the HF weights (adapter or full model) + the loop state."""
+def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zero_stage: int,
+                     val_scores: dict[str, np.ndarray]) -> None:
+    """DeepSpeed state (all ranks, for resume) + the HF weights (adapter or full model) + the loop state
+    + the validation rewards the trainer measured (so an export can be checked against them)."""
     import deepspeed
 
     engine.save_checkpoint(str(folder / "ds"), tag="state")
@@ -130,6 +131,7 @@ def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zer
         if rank == 0:
             engine.module.save_pretrained(folder / "model", safe_serialization=True)
             (folder / "state.json").write_text(json.dumps(state))
+            np.savez(folder / VAL_SCORES, **val_scores)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -174,11 +176,13 @@ def train_loop(config: dict[str, Any]) -> None:
     tick, pairs = time.perf_counter(), 0
 
     def report(reason: str) -> None:
-        metrics = {**evaluate(cfg, engine, val_rows, mmd, rank, world, device), **state, "epoch_end": reason == "epoch"}
+        summary, scores = evaluate(cfg, engine, val_rows, mmd, rank, world, device)
+        metrics = {**summary, **state, "epoch_end": reason == "epoch"}
         if eval_log is not None:
             eval_log.write(state["step"], metrics)
         with tempfile.TemporaryDirectory() as folder:
-            _save_checkpoint(engine, Path(folder), state, rank, cfg.train.zero_stage)
+            _save_checkpoint(engine, Path(folder), state, rank, cfg.train.zero_stage,
+                             {"pair_id": val_rows["pair_id"], "chosen": scores[:, 0], "rejected": scores[:, 1]})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     while state["step"] < max_steps and state["epoch"] < cfg.train.epochs:
@@ -223,10 +227,10 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
     from ray_crm.models.loading import export_reward_model
 
     init_ray(cfg.ray)
-    data_dir = prepared_dir(cfg)
+    data_dir = cfg.prepared_dir()
     manifest = load_manifest(data_dir)
-    if datasets is None:
-        datasets = {split: read_prepared(data_dir, split) for split in ("train", "validation")}
+    if datasets is None:  # read once here: every worker then streams the same blocks from the object store
+        datasets = {split: read_prepared(data_dir, split).materialize() for split in ("train", "validation")}
     name = run_name(cfg)
     out = cfg.stage_dir("train-rm") / name
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
@@ -255,9 +259,6 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
         card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest.get("hash"),
                 "metrics": best_metrics, "final_metrics": result.metrics}
         merged = export_reward_model(cfg.model, Path(folder) / "model", out / "export", card)
+        shutil.copy(Path(folder) / VAL_SCORES, out / "export" / VAL_SCORES)
     return {"model": str(merged), "run": name, "logs": str(out / "logs"),
             **{k: best_metrics[k] for k in ("val_accuracy", "val_bt_loss", "val_mmd", "step")}}
-
-
-def prepared_dir(cfg: Config) -> Path:
-    return cfg.stage_dir("prepare")

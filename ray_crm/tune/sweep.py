@@ -153,14 +153,13 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
 
     from ray_crm.data.pipeline import read_prepared
     from ray_crm.runtime import init_ray
-    from ray_crm.train.rm_trainer import prepared_dir
 
     check_space(cfg)
     init_ray(cfg.ray)
     out = cfg.stage_dir("sweep")
     path = out / "tune" / cfg.name
-    data_dir = prepared_dir(cfg)
-    datasets = {split: read_prepared(data_dir, split) for split in ("train", "validation")}
+    data_dir = cfg.prepared_dir()
+    datasets = {split: read_prepared(data_dir, split).materialize() for split in ("train", "validation")}
     base = cfg.model_dump(mode="json")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, datasets=datasets),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ray_crm.config import GoldScorerConfig, RewardConfig
-from ray_crm.rl.reward_actor import RewardModelScorer, RewardPool
+from ray_crm.eval.scoring import RewardScorer
+from ray_crm.rl.reward_actor import RewardPool
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,8 @@ def test_reward_pool_scores_in_order_with_gold_scores(ray_local, tiny_bert_dir):
     with RewardPool(cfg) as pool:
         scores = pool.score(prompts, responses)
     assert set(scores) == {"reward", "gold_vader"}
-    assert scores["reward"] == pytest.approx(RewardModelScorer(str(tiny_bert_dir), cfg).score(prompts, responses), abs=1e-5)
+    direct = RewardScorer(str(tiny_bert_dir), cfg.max_length, cfg.template).score(prompts, responses)
+    assert scores["reward"] == pytest.approx(direct, abs=1e-5)
     vader = scores["gold_vader"]
     assert vader[0] > 0 > vader[1] and vader[2] > 0 > vader[3] and vader[4] == 0
 

@@ -33,8 +33,9 @@ def _crm_step(rows: slice, variant: str, global_batch: bool) -> tuple[torch.Tens
     """One reward-model step on the pairs `rows`: the CRM loss and the parameter gradients."""
     feats, bins, model = _problem()
     rewards = model(feats[:, rows]).squeeze(-1)
-    loss, _ = crm_loss(rewards[0], rewards[1], bins[0, rows], bins[1, rows], LAM, variant, MMD,
-                       global_batch=global_batch)
+    loss, _ = crm_loss(
+        rewards[0], rewards[1], bins[0, rows], bins[1, rows], LAM, variant, MMD, global_batch=global_batch
+    )
     loss.backward()
     return loss.detach(), [p.grad for p in model.parameters()]
 
@@ -96,7 +97,7 @@ def test_two_workers_match_one_worker(ranks, variant):
 
 def test_unequal_local_sizes_gather_in_rank_order(ranks):
     penalty, _, grads = _penalty_step(slice(0, sum(UNEQUAL)))
-    feats, bins, _ = _problem()
+    _, bins, _ = _problem()
     for result in ranks:
         assert torch.equal(result["unequal"][1], bins[0, : sum(UNEQUAL)])
         torch.testing.assert_close(result["unequal"][0], penalty, rtol=1e-6, atol=1e-9)

@@ -87,11 +87,12 @@ def test_stats_report_counts_pairs_skips_and_worst_pair():
     assert stats.bin_counts.tolist() == [2, 2, 1, 2, 0]
     assert int(metrics["mmd/pairs"]) == 3 and int(metrics["mmd/bins_used"]) == 3
     assert int(metrics["mmd/bins_skipped"]) == 1
-    kept = torch.isin(bins, torch.tensor([0, 1, 3]))
-    pair_values = [mmd2(values[bins == a], values[bins == b], MMDConfig(bandwidth=1.0)) for a, b in [(0, 1), (0, 3), (1, 3)]]
+    fixed = MMDConfig(bandwidth=1.0)
+    pair_values = [mmd2(values[bins == a], values[bins == b], fixed) for a, b in [(0, 1), (0, 3), (1, 3)]]
     torch.testing.assert_close(metrics["mmd/max_pair"], max(pair_values))
     torch.testing.assert_close(penalty, sum(pair_values))
-    torch.testing.assert_close(penalty, reference_penalty(values[kept], bins[kept], MMDConfig(bandwidth=1.0, num_bins=5)))
+    kept = torch.isin(bins, torch.tensor([0, 1, 3]))
+    torch.testing.assert_close(penalty, reference_penalty(values[kept], bins[kept], fixed))
 
 
 def test_inferred_num_bins_matches_given():
@@ -167,6 +168,14 @@ def test_large_reward_offset_is_stable_in_fp32():
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-2, atol=1e-4)
 
 
+def test_fp32_keeps_precision_with_many_bins():
+    values, bins = _inputs(1200, 60, 0, seed=11)
+    want, want_grad = _value_and_grad(binned_mmd_penalty, values, bins)
+    got, got_grad = _value_and_grad(binned_mmd_penalty, values.float(), bins)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-3, atol=1e-6)
+
+
 def test_no_graph_without_grad():
     values = torch.randn(20, requires_grad=True)
     with torch.no_grad():
@@ -176,9 +185,7 @@ def test_no_graph_without_grad():
 
 # ---- properties -------------------------------------------------------------------------------------------
 
-samples = st.lists(
-    st.tuples(st.floats(-4, 4, allow_nan=False, width=32), st.integers(-1, 5)), min_size=2, max_size=40
-)
+samples = st.lists(st.tuples(st.floats(-4, 4, allow_nan=False, width=32), st.integers(-1, 5)), min_size=2, max_size=40)
 configs = st.builds(
     MMDConfig,
     bandwidth=st.sampled_from(KERNELS),
@@ -224,8 +231,9 @@ def test_biased_mmd_is_nonnegative(batch, bandwidth):
 
 
 @PROPERTY
-@given(values=st.lists(st.floats(-4, 4, allow_nan=False), min_size=1, max_size=30), bin_id=st.integers(0, 5),
-       cfg=configs)
+@given(
+    values=st.lists(st.floats(-4, 4, allow_nan=False), min_size=1, max_size=30), bin_id=st.integers(0, 5), cfg=configs
+)
 def test_zero_when_all_samples_share_one_bin(values, bin_id, cfg):
     x = torch.tensor(values, dtype=torch.float64, requires_grad=True)
     penalty, _ = binned_mmd_penalty(x, torch.full((len(values),), bin_id), cfg)

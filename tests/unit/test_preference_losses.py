@@ -87,8 +87,11 @@ def test_conditional_crm_sums_chosen_and_rejected_penalties(batch):
 
 def test_crm_on_representations(batch):
     chosen, rejected, bins_c, bins_r = batch
-    feats_c, feats_r = torch.randn(B, 8, dtype=torch.float64, requires_grad=True), torch.randn(B, 8, dtype=torch.float64)
-    loss, _ = crm_loss(chosen, rejected, bins_c, bins_r, 1.0, mmd=MMD, chosen_features=feats_c, rejected_features=feats_r)
+    feats_c = torch.randn(B, 8, dtype=torch.float64, requires_grad=True)
+    feats_r = torch.randn(B, 8, dtype=torch.float64)
+    loss, _ = crm_loss(
+        chosen, rejected, bins_c, bins_r, 1.0, mmd=MMD, chosen_features=feats_c, rejected_features=feats_r
+    )
     penalty, _ = binned_mmd_penalty(torch.cat([feats_c, feats_r]), torch.cat([bins_c, bins_r]), MMD)
     torch.testing.assert_close(loss, bradley_terry_loss(chosen, rejected)[0] + penalty)
     assert _grads(loss, feats_c)[0].abs().sum() > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_crm.config import RewardConfig, RolloutConfig
+from ray_crm.config import RolloutConfig
 from ray_crm.rl.supervision import contiguous_slices
 from ray_crm.rl.vllm_engine import Sampling, engine_args, render_prompt, request_seeds
 from ray_crm.rl.weights import pack_state_dict, policy_state_dict
@@ -66,7 +66,17 @@ def test_policy_state_dict_merges_lora_without_touching_the_model(tiny_llama_dir
     reference = model.merge_and_unload().state_dict()
     assert merged.keys() == reference.keys()
     assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
-    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[q], plain[q])
+
+
+def test_policy_state_dict_sends_tied_weights_once():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=1, head_dim=32, tie_word_embeddings=True)
+    state = policy_state_dict(LlamaForCausalLM(cfg))
+    assert "model.embed_tokens.weight" in state and "lm_head.weight" not in state
 
 
 def test_sampling_defaults_come_from_config_and_calls_override_them():
@@ -93,16 +103,6 @@ def test_render_prompt_applies_the_chat_template(tiny_llama_dir):
     assert tok.decode(chat) == "<|user|>a good movie</s><|assistant|>"
     assert render_prompt(tok, [{"role": "user", "content": "a good movie"}], apply_chat_template=False) == chat
     assert tok.decode(render_prompt(tok, "a good movie", apply_chat_template=False)) == "a good movie"
-
-
-def test_reward_model_scorer_scores_in_caller_order(tiny_bert_dir):
-    from ray_crm.rl.reward_actor import RewardModelScorer
-
-    prompts = ["is it good?", "a", "tell me about the film and the actor please"]
-    responses = ["yes it is great", "no, terrible acting and a boring plot that goes on and on", "ok"]
-    scorer = RewardModelScorer(str(tiny_bert_dir), RewardConfig(batch_size=2))
-    one_by_one = [scorer.score([p], [r])[0] for p, r in zip(prompts, responses)]
-    assert scorer.score(prompts, responses) == pytest.approx(one_by_one, abs=1e-5)
 
 
 def test_vader_gold_scores_the_response_sentiment():

@@ -1,0 +1,276 @@
+"""`ray-crm prepare` on Ray Data: read -> normalize -> find duplicates -> measure Z and tokenize -> quarantine
+-> fit bins on train -> bin -> write Parquet per split, audit and manifest.
+
+Ray tasks do all per-row work (parse, validate, Z, tokenizer); the driver sees only small columns - pair ids to
+find duplicates, split/reason/Z to count, fit the bins and audit - never texts or token ids. The data is
+materialized twice: after parsing (so the duplicate set is known before the heavy pass and the rows can be
+re-split into `block_rows` blocks for parallel work; one input file is one read task) and after measuring
+(so counting, quarantining and writing do not re-tokenize).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data.expressions import col
+
+from ray_crm.config import Config, DataConfig
+from ray_crm.data.audit import audit, write_audit
+from ray_crm.data.binning import Binning, fit_binning
+from ray_crm.data.blocks import SIDES, bin_block, measure_block, parse_file, z_arrays
+from ray_crm.data.encode import load_encoder
+from ray_crm.data.pairs import SPLITS
+from ray_crm.data.readers import InputFile, expand_inputs
+from ray_crm.runtime import init_ray
+
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.jsonl"
+OUTPUTS = (*SPLITS, QUARANTINE, MANIFEST, "audit.json", "audit.png", "inputs")
+QUARANTINE_COLUMNS = ["source_file", "source_line", "reason", "field", "detail", "raw", "prompt", "chosen", "rejected"]
+ROWS_PER_FILE = 50_000
+
+
+class PrepareError(RuntimeError):
+    """Input that cannot become a training set: too many bad rows, no train pairs, no input."""
+
+
+def _parse_batch(batch: dict[str, np.ndarray], files: dict[str, InputFile], cfg: DataConfig) -> Iterator[pa.Table]:
+    for path, data in zip(batch["path"], batch["bytes"]):
+        yield from parse_file(data, files[str(Path(path).resolve())], cfg)
+
+
+def _collect(ds: ray.data.Dataset, columns: list[str]) -> pa.Table:
+    """Small columns of every row, on the driver."""
+    tables = ray.get(ds.select_columns(columns).to_arrow_refs())
+    return pa.concat_tables(tables) if tables else pa.schema(
+        [(n, t) for n, t in zip(ds.schema().names, ds.schema().types) if n in columns]).empty_table()
+
+
+def find_duplicates(parsed: ray.data.Dataset, files: list[InputFile]) -> dict[tuple[int, int], str]:
+    """(input index, line) of every repeat of an earlier (prompt, chosen, rejected) -> where it first occurs."""
+    keys = _collect(parsed.filter(expr=col("reason").is_null()), ["pair_id", "source_index", "source_line"])
+    keys = keys.sort_by([("pair_id", "ascending"), ("source_index", "ascending"), ("source_line", "ascending")])
+    pid = keys["pair_id"].to_numpy(zero_copy_only=False)
+    index, line = keys["source_index"].to_numpy(), keys["source_line"].to_numpy()
+    repeat = np.r_[False, pid[1:] == pid[:-1]] if len(pid) else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(pid))))
+    return {(int(index[i]), int(line[i])): f"duplicate of {files[index[f]].path}:{line[f]}"
+            for i, f in zip(np.flatnonzero(repeat), first[repeat])}
+
+
+def _write_quarantine(measured: ray.data.Dataset, path: Path) -> int:
+    """Every bad row with its reason, field, file and line (streamed, so a large quarantine is fine)."""
+    count = 0
+    with path.open("w", encoding="utf-8") as fh:
+        bad = measured.filter(expr=col("reason").is_not_null()).select_columns(QUARANTINE_COLUMNS)
+        for batch in bad.iter_batches(batch_format="pyarrow", batch_size=4096):
+            for row in batch.to_pylist():
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+    return count
+
+
+def _check_bad_fraction(summary: pa.Table, bad: int, cfg: DataConfig, quarantine: Path) -> dict[str, int]:
+    total = summary.num_rows
+    if total == 0:
+        raise PrepareError("the inputs hold no records")
+    by_reason = {r["values"]: r["counts"] for r in pc.value_counts(summary["reason"].drop_null()).to_pylist()}
+    if bad / total > cfg.validation.max_bad_fraction:
+        with quarantine.open(encoding="utf-8") as fh:
+            first = [json.loads(fh.readline()) for _ in range(min(bad, 3))]
+        examples = "; ".join(f"{q['source_file']}:{q['source_line']}: {q['detail']}" for q in first)
+        raise PrepareError(
+            f"{bad} of {total} rows ({bad / total:.1%}) failed validation, more than "
+            f"data.validation.max_bad_fraction={cfg.validation.max_bad_fraction}; by reason {by_reason}; "
+            f"first: {examples}; every bad row is in {quarantine}"
+        )
+    return by_reason
+
+
+def _z_pooled(table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
+    zc, zr = z_arrays(table, names, "chosen"), z_arrays(table, names, "rejected")
+    return {n: np.concatenate([zc[n], zr[n]]) for n in names}
+
+
+def _split_stats(table: pa.Table, binning: Binning) -> dict[str, Any]:
+    names = list(binning.names)
+    bins = {s: binning.apply(z_arrays(table, names, s)) for s in SIDES}
+    return {
+        "pairs": table.num_rows,
+        "truncated": int(pc.sum(table["truncated"]).as_py() or 0),
+        "bins_chosen": np.bincount(bins["chosen"], minlength=binning.num_bins).tolist(),
+        "bins_rejected": np.bincount(bins["rejected"], minlength=binning.num_bins).tolist(),
+        "unseen": binning.unseen(_z_pooled(table, names)),
+    }
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("ray-crm", "ray", "pyarrow", "numpy", "transformers", "tokenizers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _input_files(data: DataConfig) -> list[InputFile]:
+    if not data.paths:
+        raise PrepareError("no input: set data.paths (files, folders or globs) or data.vader")
+    return expand_inputs(data.paths, data.format)
+
+
+def _tokenizer(cfg: Config) -> dict[str, Any] | None:
+    data = cfg.data
+    if not (data.tokenize or any(s.kind == "length" and s.unit == "tokens" for s in data.spurious)):
+        return None
+    from ray_crm.assets import resolve_model
+
+    path = str(resolve_model(cfg.model.name))
+    enc = load_encoder(path, cfg.model.max_length, data.template)
+    return {"name": cfg.model.name, "path": path, "class": type(enc.tokenizer).__name__, "mode": enc.mode,
+            "max_length": cfg.model.max_length, "token_type_ids": enc.type_ids, "input_ids": data.tokenize}
+
+
+def run_prepare(cfg: Config) -> dict[str, Any]:
+    """The stage: writes <out>/{train,validation,test}/ Parquet, quarantine.jsonl, audit.*, manifest.json."""
+    data = cfg.data
+    out = cfg.prepared_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    files = None if data.vader else _input_files(data)  # listed before cleaning: an input is never deleted
+    owned = [out / name for name in OUTPUTS]
+    if clash := next((f.path for f in files or [] if any(Path(f.path).is_relative_to(o) for o in owned)), None):
+        raise PrepareError(f"input {clash} lies among the outputs of {out}; choose another data.output_dir")
+    for path in owned:  # a re-run replaces what an earlier run wrote, and nothing else
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if files is None:
+        from ray_crm.data.vader import write_pairs
+
+        files = expand_inputs([str(write_pairs(data.vader, out / "inputs" / "vader_pairs.parquet"))])
+    tokenizer = _tokenizer(cfg)
+    init_ray(cfg.ray)
+
+    parsed = ray.data.read_binary_files([f.path for f in files], include_paths=True).map_batches(
+        _parse_batch, batch_size=1, batch_format="numpy", fn_kwargs={"files": {f.path: f for f in files}, "cfg": data}
+    ).materialize()
+    duplicates = find_duplicates(parsed, files) if data.validation.deduplicate else {}
+    measured = parsed.repartition(max(1, math.ceil(parsed.count() / data.block_rows))).map_batches(
+        measure_block, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"cfg": data, "tokenizer": tokenizer and tokenizer["path"], "max_length": cfg.model.max_length,
+                   "duplicates": duplicates},
+    ).materialize()
+
+    names = [s.name for s in data.spurious]
+    z_columns = [f"z_{n}_{side}" for side in SIDES for n in names]
+    summary = _collect(measured, ["split", "reason", "truncated", *z_columns])
+    quarantine = out / QUARANTINE
+    bad = _write_quarantine(measured, quarantine)
+    by_reason = _check_bad_fraction(summary, bad, data, quarantine)
+
+    good = summary.filter(pc.is_null(summary["reason"]))
+    per_split = {s: good.filter(pc.equal(good["split"], s)) for s in SPLITS}
+    if per_split["train"].num_rows == 0:
+        raise PrepareError("no valid train pairs: the bins are fitted on the train split")
+    binning = fit_binning(_z_pooled(per_split["train"], names), {s.name: s.continuous for s in data.spurious},
+                          {s.name: s.bins for s in data.spurious}, data.binning.min_count)
+    splits = {s: _split_stats(t, binning) for s, t in per_split.items()}
+
+    binned = measured.filter(expr=col("reason").is_null()).map_batches(
+        bin_block, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"binning": binning.to_dict(), "stratify_on": data.binning.stratify_on},
+    ).materialize()
+    for split, stats in splits.items():
+        if stats["pairs"]:
+            binned.filter(expr=col("split") == split).write_parquet(str(out / split), min_rows_per_file=ROWS_PER_FILE)
+
+    train_pooled = np.add(splits["train"]["bins_chosen"], splits["train"]["bins_rejected"])
+    small = [{"bin": int(b), "label": binning.label(int(b)), "responses": int(train_pooled[b])}
+             for b in np.flatnonzero((train_pooled > 0) & (train_pooled < data.binning.min_count))]
+    if small:
+        print(f"prepare: {len(small)} joint bins hold fewer than {data.binning.min_count} train responses "
+              f"(listed in the manifest under small_bins)", flush=True)
+
+    train = per_split["train"]
+    zc, zr = z_arrays(train, names, "chosen"), z_arrays(train, names, "rejected")
+    report = audit(zc, zr, binning.apply_each(zc), binning.apply_each(zr),
+                   dict(zip(names, binning.sizes)), {s.name: s.continuous for s in data.spurious})
+    audit_paths = write_audit(report, zc, zr, out)
+
+    manifest = {
+        "format_version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "num_bins": binning.num_bins,
+        "num_strata": binning.num_bins ** 2 if data.binning.stratify_on == "both" else binning.num_bins,
+        "binning": binning.to_dict(),
+        "bin_labels": [binning.label(b) for b in range(binning.num_bins)],
+        "spurious": [s.model_dump(mode="json") for s in data.spurious],
+        "stratify_on": data.binning.stratify_on,
+        "rows": {"read": summary.num_rows, "good": good.num_rows, "bad": bad},
+        "splits": splits,
+        "small_bins": small,
+        "empty_bins": int(np.sum(train_pooled == 0)),
+        "quarantine": {"count": bad, "path": str(quarantine), "by_reason": by_reason},
+        "duplicates": len(duplicates),
+        "tokenizer": tokenizer,
+        "columns": binned.schema().names,
+        "inputs": [{"path": f.path, "format": f.format, "split": f.split, "bytes": Path(f.path).stat().st_size,
+                    "sha256": _sha256(f.path)} for f in files],
+        "audit": audit_paths,
+        "versions": _versions(),
+        "data_config": data.model_dump(mode="json"),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return {"output_dir": str(out), "manifest": str(out / MANIFEST), "pairs": {s: v["pairs"] for s, v in splits.items()},
+            "quarantined": bad, "num_bins": binning.num_bins, "audit": {n: r["signal"] for n, r in report.items()}}
+
+
+def load_manifest(stage_dir: str | Path) -> dict[str, Any]:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no prepared data here; run `ray-crm prepare` first")
+    return json.loads(path.read_text())
+
+
+def _split_dir(stage_dir: str | Path, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    path = Path(stage_dir) / split
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: split '{split}' has no pairs (see {Path(stage_dir) / MANIFEST})")
+    return path
+
+
+def read_prepared(stage_dir: str | Path, split: str) -> ray.data.Dataset:
+    """A prepared split as a Ray Dataset (row order on disk carries no meaning)."""
+    return ray.data.read_parquet(str(_split_dir(stage_dir, split)))
+
+
+def read_prepared_table(stage_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
+    """A prepared split in memory, in its canonical order (by pair_id), for index-based samplers."""
+    cols = None if columns is None else list(dict.fromkeys(["pair_id", *columns]))
+    return pq.read_table(_split_dir(stage_dir, split), columns=cols).sort_by("pair_id")
