@@ -85,7 +85,9 @@ def run_cell(cpus: int, tokenize: bool, shards: list[str], warm: str, rounds: in
             result = run_prepare(config(shards, Path(tmp) / "full", tokenize))
             seconds = time.perf_counter() - start
             rows = sum(result["pairs"].values()) + result["quarantined"]
-            runs.append({"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1), "load_1min": load})
+            stages = json.loads(Path(result["manifest"]).read_text())["stage_seconds"]
+            runs.append({"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1), "load_1min": load,
+                         "stage_seconds": stages})
     best = max(runs, key=lambda r: r["rows_per_s"])
     return {"cpus": cpus, "tokenize": tokenize, "rows": rows, "ray_start_s": round(ray_start, 2),
             "warmup_s": round(warmup, 2), "runs": runs, **best}

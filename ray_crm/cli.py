@@ -29,6 +29,11 @@ def add_eval_aliases(p: argparse.ArgumentParser, stage: str) -> None:
                             "(sets bench.names)")
 
 
+def add_all_stage_arguments(p: argparse.ArgumentParser, stage: str) -> None:
+    add_stage_arguments(p)
+    add_eval_aliases(p, stage)
+
+
 def _bench_names(text: str) -> list[str]:
     """A comma list rather than nargs='+', which would swallow the KEY=VALUE overrides after it."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -56,10 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     assets = sub.add_parser("assets", help="fetch, convert and checksum the real models and data (once)")
     assets.add_argument("--only", nargs="*", help="asset names (default: all)")
     for stage in STAGES.values():
-        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
-        add_stage_arguments(p)
-        add_eval_aliases(p, stage.name)
-    jobs_client.add_parsers(sub, add_stage_arguments)
+        add_all_stage_arguments(sub.add_parser(stage.name, help=stage.help, description=stage.help), stage.name)
+    jobs_client.add_parsers(sub, add_all_stage_arguments)
     return parser
 
 
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {path}")
         return 0
     if args.command in jobs_client.COMMANDS:
-        return jobs_client.run_command(args)
+        return jobs_client.run_command(args, alias_overrides(args))
     try:
         cfg = load_config(args.config, args.overrides + alias_overrides(args))
     except ConfigError as exc:

@@ -329,6 +329,12 @@ class VaderConfig(Section):
     seed: int = 0
 
 
+# Columns the prepare stage writes or uses itself; a carried input column may not take these names.
+_OUTPUT_COLUMNS = {"pair_id", "split", "prompt", "chosen", "rejected", "source_file", "source_line", "source_index",
+                   "reason", "field", "detail", "raw", "truncated", "stratum", "chosen_input_ids", "rejected_input_ids",
+                   "chosen_token_type_ids", "rejected_token_type_ids"}
+
+
 class DataConfig(Section):
     """The prepare stage: read, validate, compute Z, bin, tokenize and write preference pairs."""
 
@@ -358,6 +364,9 @@ class DataConfig(Section):
             raise ValueError(f"spurious names must be unique (got {names})")
         if self.paths and self.vader is not None:
             raise ValueError("give data.paths or data.vader, not both")
+        carried = [*self.columns.keep, *(c for s in self.spurious for c in s.input_columns())]
+        if clash := sorted({c for c in carried if c in _OUTPUT_COLUMNS or c.startswith(("z_", "bin_"))}):
+            raise ValueError(f"input columns {clash} would overwrite output columns of the same name; rename them")
         return self
 
 

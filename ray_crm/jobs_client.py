@@ -134,14 +134,14 @@ def stop(job_id: str, address: str | None = None, wait: bool = True) -> int:
     return 0
 
 
-def add_parsers(sub, add_stage_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parsers(sub, add_stage_arguments: Callable[[argparse.ArgumentParser, str], None]) -> None:
     """The subcommands; `submit STAGE` takes the stage's own arguments plus the job's."""
     address_help = f"Jobs API address (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS or {DEFAULT_ADDRESS})"
     submit_p = sub.add_parser("submit", help="run a stage as a Ray job on a cluster and follow it")
     stages = submit_p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in STAGES.values():
         p = stages.add_parser(stage.name, help=stage.help, description=f"Submit `ray-crm {stage.name}` as a Ray job.")
-        add_stage_arguments(p)
+        add_stage_arguments(p, stage.name)
         p.add_argument("--address", help=address_help)
         p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
         p.add_argument("--python", default="python",
@@ -161,13 +161,14 @@ def add_parsers(sub, add_stage_arguments: Callable[[argparse.ArgumentParser], No
             p.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Dispatch a parsed job command; connection and Jobs API errors become one line and exit code 1."""
+def run_command(args: argparse.Namespace, alias_overrides: list[str]) -> int:
+    """Dispatch a parsed job command (the stage's option aliases come as overrides); connection and Jobs API errors
+    become one line and exit code 1."""
     from ray.exceptions import AuthenticationError
 
     try:
         if args.command == "submit":
-            return submit(args.stage, args.config, args.overrides, print_config=args.print_config,
+            return submit(args.stage, args.config, args.overrides + alias_overrides, print_config=args.print_config,
                           address=args.address, wait=not args.no_wait, python=args.python,
                           submission_id=args.submission_id, runtime_env=args.runtime_env)
         if args.command == "status":

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -154,16 +155,15 @@ def _tokenizer(cfg: Config) -> dict[str, Any] | None:
             "max_length": cfg.model.max_length, "token_type_ids": enc.type_ids, "input_ids": data.tokenize}
 
 
-def run_prepare(cfg: Config) -> dict[str, Any]:
-    """The stage: writes <out>/{train,validation,test}/ Parquet, quarantine.jsonl, audit.*, manifest.json."""
-    data = cfg.data
-    out = cfg.prepared_dir()
+def _output_dir_and_inputs(cfg: Config) -> tuple[Path, list[InputFile]]:
+    """The output folder, cleared of an earlier run's outputs (never of an input), and the input files."""
+    data, out = cfg.data, cfg.prepared_dir()
     out.mkdir(parents=True, exist_ok=True)
     files = None if data.vader else _input_files(data)  # listed before cleaning: an input is never deleted
     owned = [out / name for name in OUTPUTS]
     if clash := next((f.path for f in files or [] if any(Path(f.path).is_relative_to(o) for o in owned)), None):
         raise PrepareError(f"input {clash} lies among the outputs of {out}; choose another data.output_dir")
-    for path in owned:  # a re-run replaces what an earlier run wrote, and nothing else
+    for path in owned:
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -172,18 +172,43 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         from ray_crm.data.vader import write_pairs
 
         files = expand_inputs([str(write_pairs(data.vader, out / "inputs" / "vader_pairs.parquet"))])
+    return out, files
+
+
+class _Clock:
+    """Wall time of each phase, kept in the manifest: it shows what scales with CPUs and what is serial."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
+
+
+def run_prepare(cfg: Config) -> dict[str, Any]:
+    """The stage: writes <out>/{train,validation,test}/ Parquet, quarantine.jsonl, audit.*, manifest.json."""
+    data = cfg.data
+    clock = _Clock()
+    out, files = _output_dir_and_inputs(cfg)
     tokenizer = _tokenizer(cfg)
     init_ray(cfg.ray)
+    clock.lap("start")  # clear outputs, inputs, tokenizer, Ray
 
     parsed = ray.data.read_binary_files([f.path for f in files], include_paths=True).map_batches(
         _parse_batch, batch_size=1, batch_format="numpy", fn_kwargs={"files": {f.path: f for f in files}, "cfg": data}
     ).materialize()
+    clock.lap("read_validate")
     duplicates = find_duplicates(parsed, files) if data.validation.deduplicate else {}
+    clock.lap("duplicates")
     measured = parsed.repartition(max(1, math.ceil(parsed.count() / data.block_rows))).map_batches(
         measure_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"cfg": data, "tokenizer": tokenizer and tokenizer["path"], "max_length": cfg.model.max_length,
                    "duplicates": duplicates},
     ).materialize()
+    clock.lap("z_tokenize")
 
     names = [s.name for s in data.spurious]
     z_columns = [f"z_{n}_{side}" for side in SIDES for n in names]
@@ -191,6 +216,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     quarantine = out / QUARANTINE
     bad = _write_quarantine(measured, quarantine)
     by_reason = _check_bad_fraction(summary, bad, data, quarantine)
+    clock.lap("quarantine")
 
     good = summary.filter(pc.is_null(summary["reason"]))
     per_split = {s: good.filter(pc.equal(good["split"], s)) for s in SPLITS}
@@ -199,6 +225,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     binning = fit_binning(_z_pooled(per_split["train"], names), {s.name: s.continuous for s in data.spurious},
                           {s.name: s.bins for s in data.spurious}, data.binning.min_count)
     splits = {s: _split_stats(t, binning) for s, t in per_split.items()}
+    clock.lap("fit_bins")
 
     binned = measured.filter(expr=col("reason").is_null()).map_batches(
         bin_block, batch_size=None, batch_format="pyarrow",
@@ -207,6 +234,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     for split, stats in splits.items():
         if stats["pairs"]:
             binned.filter(expr=col("split") == split).write_parquet(str(out / split), min_rows_per_file=ROWS_PER_FILE)
+    clock.lap("bin_write")
 
     train_pooled = np.add(splits["train"]["bins_chosen"], splits["train"]["bins_rejected"])
     small = [{"bin": int(b), "label": binning.label(int(b)), "responses": int(train_pooled[b])}
@@ -220,7 +248,11 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     report = audit(zc, zr, binning.apply_each(zc), binning.apply_each(zr),
                    dict(zip(names, binning.sizes)), {s.name: s.continuous for s in data.spurious})
     audit_paths = write_audit(report, zc, zr, out)
+    clock.lap("audit")
 
+    inputs = [{"path": f.path, "format": f.format, "split": f.split, "bytes": Path(f.path).stat().st_size,
+               "sha256": _sha256(f.path)} for f in files]
+    clock.lap("hash_inputs")
     manifest = {
         "format_version": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -238,11 +270,11 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         "duplicates": len(duplicates),
         "tokenizer": tokenizer,
         "columns": binned.schema().names,
-        "inputs": [{"path": f.path, "format": f.format, "split": f.split, "bytes": Path(f.path).stat().st_size,
-                    "sha256": _sha256(f.path)} for f in files],
+        "inputs": inputs,
         "audit": audit_paths,
         "versions": _versions(),
         "data_config": data.model_dump(mode="json"),
+        "stage_seconds": clock.seconds,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return {"output_dir": str(out), "manifest": str(out / MANIFEST), "pairs": {s: v["pairs"] for s, v in splits.items()},

@@ -182,7 +182,7 @@ def train_loop(config: dict[str, Any]) -> None:
             eval_log.write(state["step"], metrics)
         with tempfile.TemporaryDirectory() as folder:
             _save_checkpoint(engine, Path(folder), state, rank, cfg.train.zero_stage,
-                             {"pair_id": val_rows["pair_id"], "chosen": scores[:, 0], "rejected": scores[:, 1]})
+                             {"pair_id": val_rows["pair_id"].astype(str), "chosen": scores[:, 0], "rejected": scores[:, 1]})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     while state["step"] < max_steps and state["epoch"] < cfg.train.epochs:

@@ -105,7 +105,8 @@ def test_a_worker_killed_after_a_checkpoint_resumes_from_it(prepared, ray_local)
     deadline = time.time() + 300
     while not list(storage.glob("checkpoint_*/state.json")) and time.time() < deadline:
         time.sleep(0.2)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    workers = list_actors(address=ray_local.get_runtime_context().gcs_address, detail=True,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert workers, "no live train worker to kill"
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=600)

@@ -83,5 +83,7 @@ def test_config_rejects_parameters_of_another_kind_and_incomplete_specs():
         load_config(None, ["data.spurious=[{name: n, kind: length, phrases: [x]}]"])
     with pytest.raises(ConfigError, match="exactly one of keywords or column"):
         load_config(None, ["data.spurious=[{name: c, kind: concept}]"])
+    with pytest.raises(ConfigError, match=r"input columns \['split'\] would overwrite"):
+        load_config(None, ["data.columns.keep=[split]"])
     with pytest.raises(ConfigError, match="spurious names must be unique"):
         load_config(None, ["data.spurious=[{name: a, kind: length}, {name: a, kind: sycophancy}]"])

@@ -1,0 +1,117 @@
+"""Reward-model training speed (issue #5): CRM over BT step time, ours vs TRL's RewardTrainer, 1 -> 2 workers.
+
+    python benchmarks/bench_rm.py [--pairs 3000] [--steps 40]   # writes benchmarks/results/rm.json
+
+Same backbone (all-MiniLM-L6-v2 + LoRA r=8), same VADER pairs and token ids, batch of 16 pairs, max length 64,
+fp32, one torch thread per process. Our numbers are the median seconds per optimizer step logged by the Ray
+Train workers (after 5 warm-up steps); TRL's the median of its step times measured by a callback, in this
+process. Ratios are taken within one run of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ray_crm.config import load_config
+from ray_crm.data.pipeline import read_prepared_table, run_prepare
+from ray_crm.train.rm_trainer import run_name, run_train_rm
+
+RESULTS = Path(__file__).parent / "results" / "rm.json"
+WARMUP = 5
+
+
+def _base(out: Path, pairs: int, steps: int) -> list[str]:
+    return [
+        f"output_dir={out}", "name=bench", "model.name=minilm", "model.max_length=64",
+        "model.lora.rank=8", "model.lora.alpha=16", f"data.vader={{num_pairs: {pairs}, length_bias: 0.8}}",
+        "data.split.by=pair", "data.spurious=[{name: length, kind: length, bins: 10}]",
+        "train.batch_size=16", f"train.max_steps={steps}", "train.lr=1e-4", "ray.torch_threads=1",
+    ]
+
+
+def ours(base: list[str], *extra: str) -> float:
+    """Median seconds per optimizer step of one of our training runs."""
+    cfg = load_config(None, [*base, *extra])
+    run_train_rm(cfg)
+    log = pd.read_csv(cfg.stage_dir("train-rm") / run_name(cfg) / "logs" / "train.csv")
+    return statistics.median(16 / log["pairs_per_s"].iloc[WARMUP:])
+
+
+def trl(base: list[str], steps: int) -> float:
+    """Median seconds per step of TRL's RewardTrainer on the same token ids (chosen_ids / rejected_ids)."""
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from ray_crm.assets import resolve_model
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, base)
+    table = read_prepared_table(cfg.prepared_dir(), "train", ["chosen_input_ids", "rejected_input_ids"])
+    data = Dataset.from_dict({"chosen_ids": [list(map(int, x)) for x in table["chosen_input_ids"].to_pylist()],
+                              "rejected_ids": [list(map(int, x)) for x in table["rejected_input_ids"].to_pylist()]})
+    path = resolve_model("minilm")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            stamps.append(time.perf_counter())
+
+    args = RewardConfig(
+        output_dir=str(Path(cfg.output_dir) / "trl"), per_device_train_batch_size=16, max_steps=steps,
+        learning_rate=1e-4, bf16=False, gradient_checkpointing=False, max_length=64, report_to=[],
+        logging_steps=10**6, save_strategy="no", dataloader_num_workers=0, use_cpu=True,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data,
+                            processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Clock()],
+                            peft_config=LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16))
+    trainer.train()
+    return statistics.median(b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", default="outputs/bench_rm")
+    args = parser.parse_args()
+    base = _base(Path(args.out).resolve(), args.pairs, args.steps)
+    run_prepare(load_config(None, base))
+    one = ["train.num_workers=1", "train.cpus_per_worker=1.0", "train.zero_stage=0"]
+    step = {
+        "bt_1w": ours(base, *one, "loss.type=bt"),
+        "crm_1w": ours(base, *one, "loss.type=crm", "loss.lambda_mmd=1.0"),
+        "crm_2w": ours(base, "train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2",
+                       "loss.type=crm", "loss.lambda_mmd=1.0"),
+        "trl_1w": trl(base, args.steps),
+    }
+    result = {
+        "command": "python benchmarks/bench_rm.py " + f"--pairs {args.pairs} --steps {args.steps}",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "seconds_per_step": step,
+        "pairs_per_s": {k: 16 / v for k, v in step.items()},
+        "crm_over_bt_step": step["crm_1w"] / step["bt_1w"],
+        "ours_over_trl": step["trl_1w"] / step["bt_1w"],
+        "scaling_1_to_2_workers": step["crm_1w"] / step["crm_2w"],
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print("| run | s/step | pairs/s |\n|---|---|---|")
+    for k, v in step.items():
+        print(f"| {k} | {v:.3f} | {16 / v:.1f} |")
+    print({k: round(result[k], 3) for k in ("crm_over_bt_step", "ours_over_trl", "scaling_1_to_2_workers")})
+
+
+if __name__ == "__main__":
+    main()
