@@ -33,4 +33,4 @@ $(STAMP):
 	touch $@
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ray_crm tests benchmarks jobs
+	$(VENV)/bin/ruff check ray_crm tests benchmarks jobs cluster
