@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(dump_config(cfg), end="")
         return 0
+    keep_local_cluster_on_loopback(cfg.ray)
     result = run_stage(args.command, cfg)
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -25,6 +25,19 @@ def set_threads(threads: int) -> None:
     os.environ.update(worker_env(threads))
 
 
+def starts_local_cluster(cfg: RayConfig) -> bool:
+    return cfg.address is None and not os.environ.get("RAY_ADDRESS")
+
+
+def keep_local_cluster_on_loopback(cfg: RayConfig) -> None:
+    """A cluster started on this machine listens on 127.0.0.1 only, not the machine's network address.
+
+    Ray reads this switch when it is imported, so call this before anything imports ray.
+    """
+    if starts_local_cluster(cfg):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Connect to `cfg.address` (or $RAY_ADDRESS, which Ray sets inside a job), or start a local cluster.
 
@@ -36,7 +49,7 @@ def init_ray(cfg: RayConfig) -> None:
         return
     env = worker_env(cfg.torch_threads)
     os.environ.update(env)
-    local = cfg.address is None and not os.environ.get("RAY_ADDRESS")
+    local = starts_local_cluster(cfg)
     ray.init(
         address=cfg.address,
         num_cpus=cfg.num_cpus if local else None,
