@@ -98,6 +98,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     info = machine(args.threads)
     path = resolve_model(args.model)
+    # Ray starts its workers at niceness 15; HF runs here at 0. Same priority for both, or a busy machine
+    # would starve the engine and flatter HF.
+    os.environ["RAY_worker_niceness"] = "0"
     init_ray(RayConfig(num_cpus=os.cpu_count(), torch_threads=args.threads))
     cfg = RolloutConfig(
         engines=1, cpus_per_engine=1.0, engine_threads=args.threads, kv_cache_gib=1.0, max_model_len=512,

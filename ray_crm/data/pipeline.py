@@ -40,9 +40,9 @@ from ray_crm.runtime import init_ray
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
-OUTPUTS = (*SPLITS, QUARANTINE, MANIFEST, "audit.json", "audit.png", "inputs")
+STAGING = "_splits"  # Ray writes all splits in one pass as STAGING/split=<name>/, then each is moved to <name>/
+OUTPUTS = (*SPLITS, STAGING, QUARANTINE, MANIFEST, "audit.json", "audit.png", "inputs")
 QUARANTINE_COLUMNS = ["source_file", "source_line", "reason", "field", "detail", "raw", "prompt", "chosen", "rejected"]
-ROWS_PER_FILE = 50_000
 
 
 class PrepareError(RuntimeError):
@@ -73,16 +73,14 @@ def find_duplicates(parsed: ray.data.Dataset, files: list[InputFile]) -> dict[tu
             for i, f in zip(np.flatnonzero(repeat), first[repeat])}
 
 
-def _write_quarantine(measured: ray.data.Dataset, path: Path) -> int:
-    """Every bad row with its reason, field, file and line (streamed, so a large quarantine is fine)."""
-    count = 0
+def _write_quarantine(measured: ray.data.Dataset, path: Path, bad: int) -> None:
+    """Every bad row with its reason, field, file and line (streamed, so a large quarantine is fine; no pass
+    over the data at all when the summary counted no bad row)."""
     with path.open("w", encoding="utf-8") as fh:
-        bad = measured.filter(expr=col("reason").is_not_null()).select_columns(QUARANTINE_COLUMNS)
-        for batch in bad.iter_batches(batch_format="pyarrow", batch_size=4096):
-            for row in batch.to_pylist():
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-    return count
+        if bad:
+            rows = measured.filter(expr=col("reason").is_not_null()).select_columns(QUARANTINE_COLUMNS)
+            for batch in rows.iter_batches(batch_format="pyarrow", batch_size=4096):
+                fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in batch.to_pylist())
 
 
 def _check_bad_fraction(summary: pa.Table, bad: int, cfg: DataConfig, quarantine: Path) -> dict[str, int]:
@@ -214,7 +212,8 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     z_columns = [f"z_{n}_{side}" for side in SIDES for n in names]
     summary = _collect(measured, ["split", "reason", "truncated", *z_columns])
     quarantine = out / QUARANTINE
-    bad = _write_quarantine(measured, quarantine)
+    bad = int(pc.sum(pc.is_valid(summary["reason"])).as_py() or 0)
+    _write_quarantine(measured, quarantine, bad)
     by_reason = _check_bad_fraction(summary, bad, data, quarantine)
     clock.lap("quarantine")
 
@@ -227,13 +226,14 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     splits = {s: _split_stats(t, binning) for s, t in per_split.items()}
     clock.lap("fit_bins")
 
-    binned = measured.filter(expr=col("reason").is_null()).map_batches(
+    measured.filter(expr=col("reason").is_null()).map_batches(
         bin_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"binning": binning.to_dict(), "stratify_on": data.binning.stratify_on},
-    ).materialize()
-    for split, stats in splits.items():
-        if stats["pairs"]:
-            binned.filter(expr=col("split") == split).write_parquet(str(out / split), min_rows_per_file=ROWS_PER_FILE)
+    ).write_parquet(str(out / STAGING), partition_cols=["split"])
+    for split in SPLITS:
+        if (out / STAGING / f"split={split}").is_dir():
+            (out / STAGING / f"split={split}").rename(out / split)
+    shutil.rmtree(out / STAGING)
     clock.lap("bin_write")
 
     train_pooled = np.add(splits["train"]["bins_chosen"], splits["train"]["bins_rejected"])
@@ -269,7 +269,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         "quarantine": {"count": bad, "path": str(quarantine), "by_reason": by_reason},
         "duplicates": len(duplicates),
         "tokenizer": tokenizer,
-        "columns": binned.schema().names,
+        "columns": pq.ParquetDataset(out / "train").schema.names,
         "inputs": inputs,
         "audit": audit_paths,
         "versions": _versions(),

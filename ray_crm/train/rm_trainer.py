@@ -260,5 +260,5 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
                 "metrics": best_metrics, "final_metrics": result.metrics}
         merged = export_reward_model(cfg.model, Path(folder) / "model", out / "export", card)
         shutil.copy(Path(folder) / VAL_SCORES, out / "export" / VAL_SCORES)
-    return {"model": str(merged), "run": name, "logs": str(out / "logs"),
+    return {"model": str(merged), "run": name, "logs": str(out / "logs"), "final_step": result.metrics["step"],
             **{k: best_metrics[k] for k in ("val_accuracy", "val_bt_loss", "val_mmd", "step")}}
