@@ -8,6 +8,7 @@ import sys
 
 from ray_crm import jobs_client
 from ray_crm.config import BENCHMARKS, ConfigError, load_config
+from ray_crm.runtime import keep_local_cluster_on_loopback
 from ray_crm.stages import STAGES, run_stage
 
 
