@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ class PromptRollout:
     completions: list[Completion]
     policy_version: int = 0  # the weight-sync count of the engine that generated them
     engine: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def request_seeds(base: int | None, *keys: int, count: int) -> list[int | None]:
