@@ -9,6 +9,7 @@ over world x micro pairs (each stratified on its own).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -134,6 +135,21 @@ def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zer
             np.savez(folder / VAL_SCORES, **val_scores)
 
 
+def latest_complete_checkpoint(storage: Path, world: int, zero_stage: int) -> Path | None:
+    """The newest checkpoint folder of this run whose loop state and every rank's DeepSpeed shard were written.
+
+    Ray registers a checkpoint only once its controller has processed the report; a worker killed in between
+    leaves a complete checkpoint on disk that `ray.train.get_checkpoint()` does not return.
+    """
+    complete, shards_expected = [], world if zero_stage > 0 else 0
+    for folder in storage.glob("checkpoint_*"):
+        ds = folder / "ds" / "state"
+        shards = len(list(ds.glob("*_optim_states.pt")))
+        if (folder / "state.json").is_file() and (ds / "mp_rank_00_model_states.pt").is_file() and shards == shards_expected:
+            complete.append((json.loads((folder / "state.json").read_text())["step"], folder.name, folder))
+    return max(complete)[2] if complete else None
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The per-worker loop Ray Train runs."""
     import ray.train
@@ -162,12 +178,15 @@ def train_loop(config: dict[str, Any]) -> None:
     sampler = StratifiedBatchSampler(train_rows["stratum"], batch_size=micro * world, seed=cfg.train.seed)
     state = {"epoch": 0, "micro_step": 0, "step": 0, "resumed_from_step": 0}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            path, _ = engine.load_checkpoint(str(Path(folder) / "ds"), tag="state")
+    folder = None if checkpoint is None else checkpoint.as_directory()
+    if folder is None:  # a worker killed before Ray registered its last checkpoint: look in storage
+        folder = contextlib.nullcontext(latest_complete_checkpoint(Path(config["storage_dir"]), world, cfg.train.zero_stage))
+    with folder as found:
+        if found is not None:
+            path, _ = engine.load_checkpoint(str(Path(found) / "ds"), tag="state")
             if path is None:  # DeepSpeed returns (None, None) instead of raising
-                raise RuntimeError(f"checkpoint {folder} holds no DeepSpeed state to resume from")
-            state = json.loads((Path(folder) / "state.json").read_text())
+                raise RuntimeError(f"checkpoint {found} holds no DeepSpeed state to resume from")
+            state = json.loads((Path(found) / "state.json").read_text())
             state["resumed_from_step"] = state["step"]
     train_log = MetricsLog(Path(config["log_dir"]), "train") if rank == 0 else None
     eval_log = MetricsLog(Path(config["log_dir"]), "eval") if rank == 0 else None
@@ -237,7 +256,8 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_bins": manifest["num_bins"],
-                           "log_dir": str(out / "logs")},
+                           "log_dir": str(out / "logs"),
+                           "storage_dir": str(cfg.stage_dir("train-rm") / "ray" / name)},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
