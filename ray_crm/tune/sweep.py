@@ -112,7 +112,8 @@ def results_table(grid, cfg: Config):
             row[key] = metrics.get(key, np.nan)
         rows.append(row)
     table = pd.DataFrame(rows).drop(columns=[c for c in _HIDDEN if c in rows[0]], errors="ignore")
-    sign = lambda mode: 1.0 if mode == "max" else -1.0  # noqa: E731  front code wants max accuracy, min bias
+    # the front code wants accuracy maximised and bias minimised
+    sign = lambda mode: 1.0 if mode == "max" else -1.0  # noqa: E731
     acc = sign(cfg.sweep.mode) * table[cfg.sweep.metric].astype(float).to_numpy()
     bias = -sign(cfg.sweep.bias_mode) * table[cfg.sweep.bias_metric].astype(float).to_numpy()
     table["pareto"] = pareto_front(acc, bias)
