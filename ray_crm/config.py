@@ -479,12 +479,27 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 5e-4 (no dot) as a string; numbers in scientific notation are floats here."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'loss.lambda_mmd=0.3' -> (['loss', 'lambda_mmd'], 0.3); the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    return key.strip().split("."), _yaml(value) if value.strip() else ""
 
 
 def set_dotted(data: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
@@ -512,7 +527,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = _yaml(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as exc:

@@ -162,6 +162,9 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     data_dir = cfg.prepared_dir()
     datasets = {split: read_prepared(data_dir, split).materialize() for split in ("train", "validation")}
     base = cfg.model_dump(mode="json")
+    # trials get their own names and working directories: pin every path to what the driver resolved
+    base["output_dir"] = str(Path(cfg.output_dir).resolve())
+    base["data"]["output_dir"] = str(data_dir)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, datasets=datasets),
         {"CPU": 0.01},  # the trial only drives; its TorchTrainer reserves the workers

@@ -50,3 +50,10 @@ def test_dump_round_trips(tmp_path):
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
     assert isinstance(Config().stage_dir("prepare").name, str)
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 5e-4\n")
+    assert load_config(path).train.lr == 5e-4
+    assert load_config(None, ["train.lr=3E-5"]).train.lr == 3e-5
