@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ray_crm.config import load_config  # noqa: E402
-from ray_crm.losses import MMDConfig, crm_loss  # noqa: E402
-from ray_crm.models.loading import load_reward_model, load_tokenizer, score  # noqa: E402
-from tests.integration.test_train_rm import _pairs  # noqa: E402
-from tests.tiny_models import build_tiny_bert  # noqa: E402
+from ray_crm.config import load_config
+from ray_crm.losses import MMDConfig, crm_loss
+from ray_crm.models.loading import load_reward_model, load_tokenizer, score
+from tests.integration.test_train_rm import _pairs
+from tests.tiny_models import build_tiny_bert
 
 
 def length_bin(text: str) -> int:

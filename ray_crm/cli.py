@@ -20,7 +20,11 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_aliases(p: argparse.ArgumentParser, stage: str) -> None:
-    """`--model` / `--bench`: thin aliases of eval.models / bench.names for the stages that read them."""
+    """`--model` / `--bench` / `--resume`: thin aliases of eval.models / bench.names / sweep.resume for the
+    stages that read them."""
+    if stage == "sweep":
+        p.add_argument("--resume", action="store_true",
+                       help="continue the interrupted sweep of the same name (sets sweep.resume=true)")
     if stage in ("eval", "audit"):
         p.add_argument("--model", action="append", metavar="[LABEL=]DIR",
                        help="a reward model folder to score, repeatable (sets eval.models)")
@@ -50,6 +54,8 @@ def alias_overrides(args: argparse.Namespace) -> list[str]:
         out.append("eval.models=" + json.dumps(args.model))
     if getattr(args, "bench", None):
         out.append("bench.names=" + json.dumps(args.bench))
+    if getattr(args, "resume", False):
+        out.append("sweep.resume=true")
     return out
 
 

@@ -143,7 +143,7 @@ class GoldScorerConfig(Section):
     model: str | None = Field(None, description="reward_model: an HF sequence-classification folder or asset alias")
 
     @model_validator(mode="after")
-    def _has_model(self) -> "GoldScorerConfig":
+    def _has_model(self) -> GoldScorerConfig:
         if self.kind == "reward_model" and self.model is None:
             raise ValueError(f"gold scorer '{self.name}' of kind reward_model needs a model")
         return self
@@ -169,7 +169,7 @@ class RewardConfig(Section):
     max_restarts: int = Field(2, ge=0)
 
     @model_validator(mode="after")
-    def _unique_gold(self) -> "RewardConfig":
+    def _unique_gold(self) -> RewardConfig:
         names = [g.name for g in self.gold]
         if len(set(names)) != len(names):
             raise ValueError(f"gold scorer names must be unique (got {names})")
@@ -185,7 +185,7 @@ class SearchSpace(Section):
     loguniform: list[float] | None = Field(None, min_length=2, max_length=2)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "SearchSpace":
+    def _exactly_one(self) -> SearchSpace:
         given = [k for k in type(self).model_fields if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
@@ -202,7 +202,7 @@ class SweepConfig(Section):
     num_samples: int = Field(1, ge=1, description="repeats of the grid, or draws for choice/uniform")
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
-    bias_metric: str = "val_mmd"
+    bias_metric: str = Field("val_z_spearman", description="within-label |Spearman(reward, Z)| on validation")
     bias_mode: Literal["max", "min"] = "min"
     max_accuracy_drop: float = Field(0.02, ge=0.0, description="pick the least biased config within this of the best")
     scheduler: Literal["none", "asha"] = "none"
@@ -244,7 +244,7 @@ class SpuriousConfig(Section):
     discrete: bool = Field(True, description="column/function: categories (True) or numbers with quantile bins")
 
     @model_validator(mode="after")
-    def _fits_kind(self) -> "SpuriousConfig":
+    def _fits_kind(self) -> SpuriousConfig:
         allowed = _SPURIOUS_PARAMS[self.kind] | {"name", "kind", "on"}
         fields = type(self).model_fields
         stray = sorted(f for f in self.model_fields_set - allowed
@@ -305,7 +305,7 @@ class SplitConfig(Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _leaves_train(self) -> "SplitConfig":
+    def _leaves_train(self) -> SplitConfig:
         if self.validation + self.test >= 1.0:
             raise ValueError("validation + test must leave a train share (< 1)")
         return self
@@ -358,7 +358,7 @@ class DataConfig(Section):
     output_dir: str | None = Field(None, description="None: <output_dir>/<name>/prepare")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DataConfig":
+    def _consistent(self) -> DataConfig:
         names = [s.name for s in self.spurious]
         if len(set(names)) != len(names):
             raise ValueError(f"spurious names must be unique (got {names})")
@@ -491,7 +491,7 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -503,14 +503,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def set_dotted(data: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
-    """Set data[a][b][c] = value for path [a, b, c], creating sections on the way."""
-    node = data
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"'{'.'.join(path)}': '{part}' is a value, not a section")
-        node = child
-    node[path[-1]] = value
+    """Set data[a][b][c] = value for path [a, b, c], creating sections on the way; a number indexes a list
+    (`data.spurious.0.bins`)."""
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"'{'.'.join(path)}': '{part}' is not an index of a {len(node)}-item list")
+            if last:
+                node[int(part)] = value
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"'{'.'.join(path)}': '{path[i - 1]}' is a value, not a section")
     return data
 
 

@@ -51,5 +51,6 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     results["summary"] = str(out / "summary.json")
     for label in models:
         r = results[f"train-rm/{label}"]
-        print(f"{label:8s} val_accuracy={r['val_accuracy']:.3f}  val_mmd={r['val_mmd']:.4f}  model={r['model']}")
+        print(f"{label:8s} val_accuracy={r['val_accuracy']:.3f}  val_mmd={r['val_mmd']:.4f}  "
+              f"val_z_spearman={r.get('val_z_spearman', float('nan')):.3f}  model={r['model']}")
     return results

@@ -8,8 +8,9 @@ what it produced (paths and headline metrics) that the CLI prints as JSON.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ray_crm.config import Config
 

@@ -18,12 +18,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-WORDS = (
-    "the a movie film story plot actor acting great good bad awful terrible wonderful boring fun "
-    "price cheap expensive service food staff yes you are right no wrong positive negative review "
-    "old young man woman person white black asian hispanic native he she they it is was very not "
-    "and but so i love hate like this that with for of to in on at really quite best worst"
-).split()
+WORDS = ["the", "a", "movie", "film", "story", "plot", "actor", "acting", "great", "good", "bad", "awful", "terrible", "wonderful", "boring", "fun", "price", "cheap", "expensive", "service", "food", "staff", "yes", "you", "are", "right", "no", "wrong", "positive", "negative", "review", "old", "young", "man", "woman", "person", "white", "black", "asian", "hispanic", "native", "he", "she", "they", "it", "is", "was", "very", "not", "and", "but", "so", "i", "love", "hate", "like", "this", "that", "with", "for", "of", "to", "in", "on", "at", "really", "quite", "best", "worst"]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

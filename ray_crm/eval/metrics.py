@@ -110,6 +110,16 @@ def spearman(x: ArrayLike, y: ArrayLike) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def within_label_spearman(r_chosen: ArrayLike, r_rejected: ArrayLike, z_chosen: ArrayLike, z_rejected: ArrayLike) -> float:
+    """Mean |Spearman(reward, Z)| among the chosen and among the rejected responses.
+
+    Where Z is planted with the preference label (validation splits), the plain correlation over all responses
+    is high even for a reward that ignores Z; within one label the planted link is gone, so what is left is
+    the reward's own dependence on Z - the quantity a conditional CRM drives to zero.
+    """
+    return float(np.mean([abs(spearman(r_chosen, z_chosen)), abs(spearman(r_rejected, z_rejected))]))
+
+
 def length_per_rank(rewards: ArrayLike, lengths: ArrayLike) -> np.ndarray:
     """Mean length of the rank-k response over groups of N responses [groups, N]; rank 0 has the highest reward."""
     r, n = np.asarray(rewards, float), np.asarray(lengths, float)

@@ -23,6 +23,7 @@ import torch
 
 from ray_crm.config import Config
 from ray_crm.data.sampler import StratifiedBatchSampler
+from ray_crm.eval.metrics import within_label_spearman
 from ray_crm.losses import MMDConfig, crm_loss, gather_global
 from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
 from ray_crm.runtime import init_ray, set_threads
@@ -117,7 +118,22 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
         "val_mmd": float(metrics["mmd/penalty"]),
         "val_pairs": total,
     }
-    return summary, scores.cpu().numpy()
+    scores = scores.cpu().numpy()
+    summary.update(z_correlations(cfg, rows, scores))
+    return summary, scores
+
+
+def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, float]:
+    """`val_spearman_<z>` per numeric spurious variable (within-label |Spearman(reward, Z)|), and
+    `val_z_spearman`, the largest: a scale-free bias metric for sweeps (the MMD shrinks with the rewards)."""
+    out = {}
+    for z in cfg.data.spurious:
+        zc, zr = rows.get(f"z_{z.name}_chosen"), rows.get(f"z_{z.name}_rejected")
+        if zc is not None and np.issubdtype(zc.dtype, np.number) and np.issubdtype(zr.dtype, np.number):
+            out[f"val_spearman_{z.name}"] = within_label_spearman(scores[:, 0], scores[:, 1], zc, zr)
+    if out:
+        out["val_z_spearman"] = max(out.values())
+    return out
 
 
 def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zero_stage: int,
@@ -172,7 +188,8 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg.train, cfg.model, world))
     train_rows = _materialise(ray.train.get_dataset_shard("train"))
-    val_rows = _materialise(ray.train.get_dataset_shard("validation"))
+    z_columns = tuple(f"z_{z.name}_{side}" for z in cfg.data.spurious for side in ("chosen", "rejected"))
+    val_rows = _materialise(ray.train.get_dataset_shard("validation"), COLUMNS + z_columns)
     mmd = mmd_settings(cfg, config["num_bins"])
     micro = micro_batch_size(cfg.train, world)
     sampler = StratifiedBatchSampler(train_rows["stratum"], batch_size=micro * world, seed=cfg.train.seed)
@@ -281,4 +298,5 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
         merged = export_reward_model(cfg.model, Path(folder) / "model", out / "export", card)
         shutil.copy(Path(folder) / VAL_SCORES, out / "export" / VAL_SCORES)
     return {"model": str(merged), "run": name, "logs": str(out / "logs"), "final_step": result.metrics["step"],
-            **{k: best_metrics[k] for k in ("val_accuracy", "val_bt_loss", "val_mmd", "step")}}
+            **{k: best_metrics[k] for k in ("val_accuracy", "val_bt_loss", "val_mmd", "val_z_spearman", "step")
+               if k in best_metrics}}

@@ -5,13 +5,16 @@ trial's values set on the base config, reporting to Tune through `TuneReportCall
 pattern; a TorchTrainer can no longer be passed to `Tuner`). Ray Data datasets are built in the driver and
 handed to the trials with `tune.with_parameters`. The search space lives in the same typed config
 (`sweep.space`: dotted key -> grid / choice / uniform / loguniform) and every value is validated against the
-schema before any trial starts. Output: a results table (CSV + Markdown), the accuracy-vs-bias Pareto front
+schema before any trial starts. Swept `data.*` keys (e.g. the number of bins, `data.spurious.0.bins`) change
+the prepared data itself: the driver prepares each distinct data variant once, before the trials. Output: a results table (CSV + Markdown), the accuracy-vs-bias Pareto front
 (PNG), and the chosen configuration as ready-to-run YAML.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,9 @@ def check_space(cfg: Config) -> None:
     for key, spec in cfg.sweep.space.items():
         if key.startswith("sweep."):
             raise ConfigError(f"sweep.space.{key}: the sweep section itself cannot be swept")
+        if key.startswith("data.") and not (spec.grid or spec.choice):
+            raise ConfigError(f"sweep.space.{key}: a data key changes the prepared data, which is made once per "
+                              "value before the trials: give grid or choice values, not a range")
         for value in _probe_values(spec):
             try:
                 validate(set_dotted(copy.deepcopy(base), key.split("."), value), f"sweep.space.{key}={value!r}")
@@ -61,21 +67,58 @@ def param_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
+def _data_keys(cfg: Config) -> list[str]:
+    return sorted(k for k in cfg.sweep.space if k.startswith("data."))
+
+
+def variant_key(params: dict[str, Any], keys: list[str]) -> str:
+    """The data variant a trial trains on: its values of the swept data keys."""
+    return json.dumps({k: _plain(params[k]) for k in keys}, sort_keys=True)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def prepare_variants(cfg: Config, base: dict[str, Any], root: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """variant key -> (prepared folder, materialized train/validation datasets), each variant prepared once.
+
+    Without swept data keys the one variant is the config's own prepared data (made by `ray-crm prepare`).
+    """
+    from ray_crm.data.pipeline import read_prepared, run_prepare
+
+    keys = _data_keys(cfg)
+    combos = itertools.product(*(_probe_values(cfg.sweep.space[k]) for k in keys))
+    variants = {}
+    for values in combos:
+        params = dict(zip(keys, values))
+        folder = Path(base["data"]["output_dir"])
+        if keys:
+            folder = root / hashlib.sha1(variant_key(params, keys).encode()).hexdigest()[:10]
+            if not (folder / "manifest.json").is_file():
+                run_prepare(trial_config(base, {**params, "data.output_dir": str(folder)}, "prepare"))
+        variants[variant_key(params, keys)] = (str(folder), {
+            split: read_prepared(folder, split).materialize() for split in ("train", "validation")})
+    return variants
+
+
 def trial_config(base: dict[str, Any], params: dict[str, Any], trial: str) -> Config:
     data = copy.deepcopy(base)
     for key, value in params.items():
-        set_dotted(data, key.split("."), value.item() if isinstance(value, np.generic) else value)
+        set_dotted(data, key.split("."), _plain(value))
     data["name"] = f"{data.get('name', 'run')}-{trial}"
     return validate(data, f"trial {trial}")
 
 
-def _trainable(params: dict[str, Any], base: dict[str, Any], datasets: dict[str, Any]):
+def _trainable(params: dict[str, Any], base: dict[str, Any], variants: dict[str, tuple[str, dict[str, Any]]],
+               data_keys: list[str]):
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ray_crm.train.rm_trainer import run_train_rm
 
-    cfg = trial_config(base, params, tune.get_context().get_trial_id())
+    folder, datasets = variants[variant_key(params, data_keys)]
+    cfg = trial_config(base, {**params, "data.output_dir": folder}, tune.get_context().get_trial_id())
     return run_train_rm(cfg, datasets=datasets, callbacks=[TuneReportCallback()])
 
 
@@ -113,7 +156,7 @@ def results_table(grid, cfg: Config):
         rows.append(row)
     table = pd.DataFrame(rows).drop(columns=[c for c in _HIDDEN if c in rows[0]], errors="ignore")
     # the front code wants accuracy maximised and bias minimised
-    sign = lambda mode: 1.0 if mode == "max" else -1.0  # noqa: E731
+    sign = lambda mode: 1.0 if mode == "max" else -1.0
     acc = sign(cfg.sweep.mode) * table[cfg.sweep.metric].astype(float).to_numpy()
     bias = -sign(cfg.sweep.bias_mode) * table[cfg.sweep.bias_metric].astype(float).to_numpy()
     table["pareto"] = pareto_front(acc, bias)
@@ -152,21 +195,19 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     """Run (or with `sweep.resume=true`, continue) the sweep; write the table, the front and the chosen YAML."""
     from ray import tune
 
-    from ray_crm.data.pipeline import read_prepared
     from ray_crm.runtime import init_ray
 
     check_space(cfg)
     init_ray(cfg.ray)
     out = cfg.stage_dir("sweep")
     path = out / "tune" / cfg.name
-    data_dir = cfg.prepared_dir()
-    datasets = {split: read_prepared(data_dir, split).materialize() for split in ("train", "validation")}
     base = cfg.model_dump(mode="json")
     # trials get their own names and working directories: pin every path to what the driver resolved
     base["output_dir"] = str(Path(cfg.output_dir).resolve())
-    base["data"]["output_dir"] = str(data_dir)
+    base["data"]["output_dir"] = str(cfg.prepared_dir())
+    variants = prepare_variants(cfg, base, out / "data")
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base=base, datasets=datasets),
+        tune.with_parameters(_trainable, base=base, variants=variants, data_keys=_data_keys(cfg)),
         {"CPU": 0.01},  # the trial only drives; its TorchTrainer reserves the workers
     )
     if path.exists() and tune.Tuner.can_restore(str(path)):

@@ -19,15 +19,15 @@ from ray_crm.config import load_config
 from ray_crm.data.pipeline import read_prepared_table, run_prepare
 from ray_crm.train.rm_trainer import VAL_SCORES, run_name, run_train_rm
 
-GOOD = "great wonderful best love fun".split()
-BAD = "awful terrible worst boring bad".split()
-FILLER = "the movie film story plot actor and it was".split()
+GOOD = ["great", "wonderful", "best", "love", "fun"]
+BAD = ["awful", "terrible", "worst", "boring", "bad"]
+FILLER = ["the", "movie", "film", "story", "plot", "actor", "and", "it", "was"]
 
 
 def _pairs(n: int, seed: int = 0) -> list[dict]:
     """Chosen responses carry positive words, rejected negative ones; lengths vary independently."""
     rng = random.Random(seed)
-    sentence = lambda words: " ".join(rng.choice(FILLER + words) for _ in range(rng.randint(3, 20)))  # noqa: E731
+    sentence = lambda words: " ".join(rng.choice(FILLER + words) for _ in range(rng.randint(3, 20)))
     return [{"prompt": f"review {i}", "chosen": sentence(GOOD) + " great", "rejected": sentence(BAD) + " awful"}
             for i in range(n)]
 
@@ -107,7 +107,7 @@ def test_a_worker_killed_after_a_checkpoint_resumes_from_it(prepared, ray_local)
     def train() -> None:
         try:
             outcome.update(run_train_rm(cfg))
-        except Exception as exc:  # surfaced by the asserts below
+        except Exception as exc:  # noqa: BLE001  (surfaced by the asserts below)
             outcome["error"] = exc
 
     thread = threading.Thread(target=train, daemon=True)

@@ -1,8 +1,10 @@
 """The config schema: YAML + dotted overrides, and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
-from ray_crm.config import Config, ConfigError, dump_config, load_config
+from ray_crm.config import Config, ConfigError, SearchSpace, dump_config, load_config
 
 
 def test_defaults_are_the_papers_lora_settings():
@@ -57,3 +59,30 @@ def test_scientific_notation_is_a_float(tmp_path):
     path.write_text("train:\n  lr: 5e-4\n")
     assert load_config(path).train.lr == 5e-4
     assert load_config(None, ["train.lr=3E-5"]).train.lr == 3e-5
+
+
+def test_a_dotted_override_indexes_a_list_and_names_a_bad_index():
+    cfg = load_config(None, ["data.spurious=[{name: length, kind: length, bins: 10}]", "data.spurious.0.bins=30"])
+    assert cfg.data.spurious[0].bins == 30
+    with pytest.raises(ConfigError, match=r"data.spurious.3.bins.*not an index of a 1-item list"):
+        load_config(None, ["data.spurious=[{name: length, kind: length}]", "data.spurious.3.bins=30"])
+
+
+def test_a_swept_data_key_must_take_listed_values():
+    from ray_crm.tune.sweep import check_space
+
+    cfg = load_config(None, ["data.spurious=[{name: length, kind: length}]",
+                             "sweep.space={data.spurious.0.bins: {uniform: [10, 30]}}"])
+    with pytest.raises(ConfigError, match=r"sweep.space.data.spurious.0.bins: a data key .* grid or choice"):
+        check_space(cfg)
+    check_space(cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={
+        "space": {"data.spurious.0.bins": SearchSpace(grid=[10, 20, 30])}})}))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_its_sweep_space_fits_the_schema(path):
+    from ray_crm.tune.sweep import check_space
+
+    cfg = load_config(path)
+    if cfg.sweep.space:
+        check_space(cfg)

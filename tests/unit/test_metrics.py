@@ -68,6 +68,18 @@ def test_spearman():
     assert metrics.spearman([1, 1, 1], [1, 2, 3]) == 0.0
 
 
+def test_within_label_spearman_ignores_a_z_planted_with_the_label():
+    # Z (length) is planted with the label: chosen responses are long, rejected short. A reward that tracks only
+    # the label correlates with Z over all responses, but not within either label.
+    z_c, z_r = np.array([30, 31, 32, 33]), np.array([10, 11, 12, 13])
+    label_only_c, label_only_r = np.array([1.0, 0.9, 1.1, 1.0]), np.array([0.0, 0.1, -0.1, 0.0])
+    pooled = metrics.spearman(np.r_[label_only_c, label_only_r], np.r_[z_c, z_r])
+    assert pooled > 0.7
+    assert metrics.within_label_spearman(label_only_c, label_only_r, z_c, z_r) < 0.35
+    # a reward that follows Z within each label: |rho| = 1 on both sides, whatever the sign
+    assert metrics.within_label_spearman(z_c * 0.1, -z_r * 0.1, z_c, z_r) == pytest.approx(1.0)
+
+
 def test_length_per_rank():
     rewards = [[1, 3, 2], [0, 5, 9]]
     lengths = [[10, 30, 20], [1, 2, 3]]

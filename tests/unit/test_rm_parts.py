@@ -32,7 +32,7 @@ def test_pairs_score_identically_alone_and_padded_in_a_batch(tiny_bert_dir):
     cfg = load_config(None, [f"model.name={tiny_bert_dir}", "model.lora.rank=4"])
     tok = load_tokenizer(cfg.model)
     model = load_reward_model(cfg.model, tok.pad_token_id).eval()
-    enc = lambda p, r: tok(p, r)  # noqa: E731
+    enc = lambda p, r: tok(p, r)
     short, long = enc("the movie", "great"), enc("the movie was", "really quite boring and bad")
     rows = {
         "chosen_input_ids": [short["input_ids"], long["input_ids"]],
