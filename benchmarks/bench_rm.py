@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -89,7 +90,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="outputs/bench_rm")
     args = parser.parse_args()
-    base = _base(Path(args.out).resolve(), args.pairs, args.steps)
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)  # a finished run of the same config would be resumed, not timed
+    base = _base(out, args.pairs, args.steps)
     run_prepare(load_config(None, base))
     one = ["train.num_workers=1", "train.cpus_per_worker=1.0", "train.zero_stage=0"]
     rounds: dict[str, list[float]] = {"bt_1w": [], "crm_1w": []}
