@@ -53,7 +53,8 @@ def main() -> None:
     @torch.no_grad()
     def clean_accuracy() -> float:
         model.eval()
-        hits = [(score(b, "chosen") > score(b, "rejected")).float() for b in np.array_split(test, max(1, len(test) // 50))]
+        batches = (test.iloc[i:i + 50] for i in range(0, len(test), 50))
+        hits = [(score(b, "chosen") > score(b, "rejected")).float() for b in batches]
         model.train()
         return torch.cat(hits).mean().item()
 
