@@ -10,9 +10,12 @@ Both generate exactly 64 tokens per sample (`ignore_eos` / `min_new_tokens`), so
 Each side runs a warm-up, then `--rounds` interleaved timed rounds; the best round counts (the machine may be
 shared, and the best round is the least disturbed).
 
-Weight sync: the 135M policy's state dict (perturbed, as after an optimizer step) from this process to the
-engine with `RolloutPool.sync_weights`, timed end to end `--syncs` times; after the last one the engine's
-greedy output is checked against HF's for the same weights. A folder reload is timed beside it.
+Weight sync: the 135M policy's full state dict (perturbed, as after an optimizer step) from this process to the
+engine with `RolloutPool.sync_weights`, timed end to end `--syncs` times (`sync_s_135m`); after the last one the
+engine's greedy output is checked against HF's for the same weights. Then the same for a LoRA policy (PEFT's
+default targets, q_proj and v_proj, rank 64 as in `ray_crm.config.LoraConfig`): only the merged targets and their
+fused siblings travel, as a partial sync (`sync_s_135m_lora`; computing the merge is timed apart), and the greedy
+output is checked against the merged HF model. A folder reload is timed beside them.
 """
 
 from __future__ import annotations
@@ -62,6 +65,32 @@ def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
         out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=new_tokens, pad_token_id=eos)
     new = out[0, len(prompt_ids):].tolist()
     return new[: new.index(eos) + 1] if eos in new else new
+
+
+def greedy_matches(pool, model) -> bool:
+    greedy = pool.generate(PROMPTS[:4], n=1, temperature=0.0, max_new_tokens=32, ignore_eos=False)
+    return all(r.completions[0].token_ids == hf_greedy(model, r.prompt_token_ids, 32) for r in greedy)
+
+
+def sync_lora(pool, model, syncs: int):
+    """Partial syncs of a LoRA policy over `model`; returns the timings and the merged HF model they served."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=64, lora_alpha=128))
+    times, reports, merge_times = [], [], []
+    for step in range(syncs):
+        gen = torch.Generator().manual_seed(100 + step)
+        with torch.no_grad():  # an optimizer step's worth of adapter (B starts at zero)
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn(p.shape, generator=gen) * 1e-2)
+        t0 = time.perf_counter()
+        state = policy_state_dict(lora, lora_targets_only=True)
+        merge_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        reports.append(pool.sync_weights(state, partial=True))
+        times.append(time.perf_counter() - t0)
+    return times, reports, merge_times, lora.merge_and_unload().eval()
 
 
 def perturb_(model, scale: float, seed: int) -> None:
@@ -135,8 +164,9 @@ def main() -> None:
             t0 = time.perf_counter()
             reports.append(pool.sync_weights(state))
             sync_times.append(time.perf_counter() - t0)
-        greedy = pool.generate(PROMPTS[:4], n=1, temperature=0.0, max_new_tokens=32, ignore_eos=False)
-        matches = [r.completions[0].token_ids == hf_greedy(model, r.prompt_token_ids, 32) for r in greedy]
+        matches = greedy_matches(pool, model)
+        lora_times, lora_reports, merge_times, model = sync_lora(pool, model, args.syncs)
+        lora_matches = greedy_matches(pool, model)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             folder_report = pool.sync_weights(folder)
@@ -144,6 +174,7 @@ def main() -> None:
         pool.shutdown()
 
     vllm_tps, hf_tps = vllm_tokens / vllm_s, hf_tokens / hf_s
+    lora_s = statistics.median(lora_times)
     result = {
         "command": "python benchmarks/bench_rollout.py " + " ".join(sys.argv[1:]),
         "machine": info,
@@ -165,8 +196,14 @@ def main() -> None:
         "sync_engine_load_s": [r.engine_load_s for r in reports],
         "sync_mb": reports[-1].nbytes / 2**20,
         "sync_transport": reports[-1].transport,
+        "sync_s_135m_lora": lora_s,
+        "sync_lora_s_all": lora_times,
+        "sync_lora_engine_load_s": [r.engine_load_s for r in lora_reports],
+        "sync_lora_mb": lora_reports[-1].nbytes / 2**20,
+        "lora_merge_s": statistics.median(merge_times),
         "folder_sync_s": folder_report.seconds,
-        "greedy_matches_hf_after_sync": all(matches),
+        "greedy_matches_hf_after_sync": matches,
+        "greedy_matches_hf_after_lora_sync": lora_matches,
         "loadavg_at_end": os.getloadavg()[0],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +214,9 @@ def main() -> None:
         f"| HF generate tokens/s | {hf_tps:.0f} |",
         f"| vllm_over_hf | {vllm_tps / hf_tps:.2f}x |",
         f"| sync_s_135m (median of {args.syncs}, {result['sync_mb']:.0f} MB, object store) | {result['sync_s_135m']:.3f} |",
+        f"| sync_s_135m_lora (median of {args.syncs}, {result['sync_lora_mb']:.0f} MB, partial) | {lora_s:.3f} |",
         f"| folder reload (s) | {folder_report.seconds:.3f} |",
-        f"| greedy output equals HF after sync | {all(matches)} |",
+        f"| greedy output equals HF after full / LoRA sync | {matches} / {lora_matches} |",
     ]))
 
 

@@ -19,6 +19,9 @@ gradient-regularisation perturbed weights) and returns once every engine serves 
   ZeRO-3 gathered by the learner first): packed into the object store once (`PackedWeights`, cast to the
   engines' dtype), mapped by every engine on the node and loaded in place by the vLLM worker's
   `reload_weights`, then the prefix cache is reset. Engines with tensor parallelism cannot take tensors.
+- `partial=True`: `weights` holds only the tensors that differ from the last full sync (or from the initial
+  weights), e.g. `policy_state_dict(model, lora_targets_only=True)` after a LoRA step; the engines keep
+  the rest. A fused vLLM layer (q/k/v, gate/up) must be sent whole.
 - `weights` a folder (an HF checkpoint the engines can read): the worker's `reload_weights(weights_path)`.
 - GPU, after `enable_nccl_broadcast(...)` in the learner's rank-0 process: the state dict is broadcast
   over NCCL through vLLM's weight-transfer API (written and documented, not run on this CPU-only machine;
@@ -63,6 +66,7 @@ class WeightSyncReport:
     nbytes: int  # bytes shipped (0 for a folder)
     engine_load_s: float  # the slowest engine's in-place reload
     transport: str  # "object_store", "folder" or "nccl"
+    partial: bool = False  # only some tensors were sent
 
 
 class VLLMRolloutActor:
@@ -81,8 +85,10 @@ class VLLMRolloutActor:
         rollouts = self.engine.generate(prompts, sampling, seeds)
         return [replace(r, policy_version=self.version, engine=self.name) for r in rollouts]
 
-    def load_weights(self, weights: PackedWeights | str, version: int) -> float:
+    def load_weights(self, weights: PackedWeights | str, version: int, partial: bool = False) -> float:
         start = time.perf_counter()
+        if partial != (not isinstance(weights, str) and weights.partial):
+            raise ValueError(f"{self.name}: sync_weights(partial={partial}) got weights packed with the other flag")
         self.engine.load_weights(weights)
         self.version = version
         return time.perf_counter() - start
@@ -122,7 +128,9 @@ class RolloutPool:
         self.cfg = cfg
         self.version = 0
         self._calls = 0
-        self._latest: ray.ObjectRef | str | None = None  # what a restarted engine must load again
+        # What a restarted engine must load again, in order: the last full sync, then the last partial one.
+        self._latest: ray.ObjectRef | str | None = None
+        self._latest_partial: ray.ObjectRef | None = None
         self._nccl: Any = None  # vLLM's NCCLTrainerWeightTransferEngine, once enabled
         self._nccl_client: _EngineWeightSyncClient | None = None
         self._placement_group = placement_group
@@ -168,27 +176,36 @@ class RolloutPool:
         return [rollout for i in sorted(results) for rollout in results[i]]
 
     def sync_weights(
-        self, weights: Mapping[str, Tensor] | PackedWeights | ray.ObjectRef | str | Path, version: int | None = None
+        self,
+        weights: Mapping[str, Tensor] | PackedWeights | ray.ObjectRef | str | Path,
+        version: int | None = None,
+        partial: bool = False,
     ) -> WeightSyncReport:
         """Make every engine serve `weights` (see the module doc); `version` defaults to one more than the last.
 
-        `weights` may also be `PackedWeights`, or a ref to them that the learner put in the object store
-        itself (so the driver never holds the tensors).
+        `weights` may also be `PackedWeights` (their own `partial` flag must agree), or a ref to them that the
+        learner put in the object store itself (so the driver never holds the tensors).
         """
         start = time.perf_counter()
-        self.version = self.version + 1 if version is None else version
+        version = self.version + 1 if version is None else version  # self.version only once it is served
         if self._nccl is not None and isinstance(weights, Mapping):
-            self._broadcast(weights)
+            if partial:
+                raise ValueError("the NCCL broadcast sends full state dicts")
+            self._broadcast(weights, version)
             nbytes, load_s, transport = _nbytes(weights), 0.0, "nccl"
         else:
-            payload, nbytes, transport = _payload(weights, ENGINE_DTYPES[self.cfg.dtype])
-            calls = {i: (payload, self.version) for i in range(len(self.group))}
+            payload, nbytes, transport = _payload(weights, ENGINE_DTYPES[self.cfg.dtype], partial)
+            calls = {i: (payload, version, partial) for i in range(len(self.group))}
             load_s = max(self.group.call("load_weights", calls, self.cfg.sync_timeout_s).values())
-            self._latest = payload
-        report = WeightSyncReport(self.version, time.perf_counter() - start, nbytes, load_s, transport)
+            if partial:
+                self._latest_partial = payload
+            else:
+                self._latest, self._latest_partial = payload, None
+        self.version = version
+        report = WeightSyncReport(version, time.perf_counter() - start, nbytes, load_s, transport, partial)
         logger.info(
-            "weight sync v%d: %.3f s (%.0f MB via %s to %d engines)",
-            report.version, report.seconds, report.nbytes / 2**20, report.transport, len(self.group),
+            "weight sync v%d: %.3f s (%.0f MB%s via %s to %d engines)", report.version, report.seconds,
+            report.nbytes / 2**20, " partial" if partial else "", report.transport, len(self.group),
         )
         return report
 
@@ -217,7 +234,7 @@ class RolloutPool:
             self._nccl = None
         self.group.shutdown()
 
-    def _broadcast(self, weights: Mapping[str, Tensor]) -> None:
+    def _broadcast(self, weights: Mapping[str, Tensor], version: int) -> None:
         # An engine restarted since the last sync has left the NCCL group: broadcasting would hang.
         versions = self.group.call("ready", {i: () for i in range(len(self.group))}, self.cfg.sync_timeout_s)
         stale = [self.group.members[i].name for i, v in versions.items() if v["version"] != self._nccl_client.version]
@@ -225,7 +242,7 @@ class RolloutPool:
             raise ActorCallError(f"{', '.join(stale)} restarted and left the NCCL weight group; "
                                  "call enable_nccl_broadcast again")
         self._nccl.source = _state_dict_source(weights)
-        self._nccl_client.version = self.version
+        self._nccl_client.version = version
         self._nccl.send_weights()
 
     def _reload_latest(self, index: int) -> None:
@@ -233,8 +250,10 @@ class RolloutPool:
 
         (After NCCL syncs there is no copy to give; the next `_broadcast` finds the engine stale.)
         """
-        if self._latest is not None:
-            self.group.call("load_weights", {index: (self._latest, self.version)}, self.cfg.sync_timeout_s, retry=False)
+        for payload, partial in ((self._latest, False), (self._latest_partial, True)):
+            if payload is not None:
+                args = {index: (payload, self.version, partial)}
+                self.group.call("load_weights", args, self.cfg.sync_timeout_s, retry=False)
 
     def _placement(self, index: int) -> dict[str, Any]:
         """Ray options placing engine `index`: CPUs on a CPU box; a placement-group slice on GPUs."""
@@ -306,13 +325,17 @@ def _state_dict_source(weights: Mapping[str, Tensor]):
     return StateDictSource()
 
 
-def _payload(weights: Any, dtype: torch.dtype) -> tuple[ray.ObjectRef | str, int, str]:
+def _payload(weights: Any, dtype: torch.dtype, partial: bool) -> tuple[ray.ObjectRef | str, int, str]:
     """What `load_weights` receives, the bytes shipped (0 if unknown here) and the transport's name."""
     if isinstance(weights, str | Path):
+        if partial:
+            raise ValueError("a folder sync is never partial")
         return str(Path(weights).resolve()), 0, "folder"
     if isinstance(weights, ray.ObjectRef):
         return weights, 0, "object_store"
-    packed = weights if isinstance(weights, PackedWeights) else pack_state_dict(weights, dtype)
+    if isinstance(weights, PackedWeights) and weights.partial != partial:
+        raise ValueError(f"sync_weights(partial={partial}) got PackedWeights(partial={weights.partial})")
+    packed = weights if isinstance(weights, PackedWeights) else pack_state_dict(weights, dtype, partial)
     return ray.put(packed), packed.nbytes, "object_store"
 
 

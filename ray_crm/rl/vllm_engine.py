@@ -6,14 +6,20 @@ measured on this stack (SPEC section 5):
   actor instead of 20-30 s, and tensors reach the worker without serialisation; the price is that torch's
   thread count is frozen when the engine starts, so it is set before;
 - chunked prefill is off (per-request seeds crash with it) and the batched-token budget raised to match;
-- the KV cache is an explicit size (`kv_cache_gib`), and nothing is written under the home directory.
+- the KV cache is an explicit size (`kv_cache_gib`), and nothing is written under the home directory;
+- torch.compile stays on (`enforce_eager=False`): start-up goes from ~10 s to ~90 s the first time (the
+  compiled graphs are cached under `VLLM_CACHE_ROOT`), and in-place reloads still reach the compiled model
+  (the weights and oneDNN handles are graph inputs, not constants: tests/integration/test_rollout.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,39 +174,88 @@ class RolloutEngine:
         ]
 
     def load_weights(self, weights: PackedWeights | str) -> None:
-        """Replace the served weights in place: a packed state dict, or an HF folder's safetensors."""
+        """Replace the served weights in place: a packed state dict, or an HF folder's safetensors.
+
+        A partial state dict (`weights.partial`) replaces only the tensors it holds; vLLM's reload rebuilds
+        each layer from the parts it is given, so a fused layer must get all of them (checked here).
+        """
+        loaded: frozenset[str] | None = None  # None: every tensor
         if isinstance(weights, str):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights})
         elif self.takes_tensors:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights.tensors()})
+            if weights.partial:
+                loaded = frozenset(weights.names)
+                self._check_fused_groups(loaded)
+            with _quiet_partial_reload() if weights.partial else nullcontext():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights.tensors()})
         else:
             raise ValueError("a tensor-parallel engine takes weights over NCCL or from a folder, not as tensors")
         if not self.cfg.use_gpu:
-            self.llm.apply_model(repack_tied_layers)
+            self.llm.apply_model(partial(repack_tied_layers, loaded=loaded))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def _check_fused_groups(self, names: frozenset[str]) -> None:
+        """Refuse a partial state dict holding only some parts of a fused layer: the rest would be garbage."""
+        (mapping,) = self.llm.apply_model(lambda model: dict(getattr(model, "packed_modules_mapping", {})))
+        for name in sorted(names):
+            parts = name.split(".")
+            for group in mapping.values():
+                if len(parts) >= 2 and parts[-2] in group:
+                    missing = [
+                        sibling for sibling in (".".join([*parts[:-2], p, parts[-1]]) for p in group)
+                        if sibling not in names
+                    ]
+                    if missing:
+                        raise ValueError(f"partial weights have {name} but not {', '.join(missing)}: vLLM fuses "
+                                         "them into one layer; send the whole group")
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def repack_tied_layers(model) -> int:
+def repack_tied_layers(model, loaded: frozenset[str] | None = None) -> int:
     """Rebuild the kernels of layers whose weight is tied to an earlier layer's (the LM head to the embeddings).
 
     vLLM's in-place reload loads and reprocesses each layer that receives weights; a tied LM head receives
     none, so on CPU its packed GEMM (a oneDNN copy of the old embeddings) would keep producing the old
-    logits. Reprocessing it packs the new, shared weight. Returns the number of layers rebuilt.
+    logits. The owner (the embedding) was just reprocessed and packed the same weight for the same GEMM, so
+    the tied layer takes the owner's kernel (`cpu_linear`); without one it is reprocessed (packing a
+    49k-token head costs ~0.1 s). `loaded`: the tensor names of a partial reload; a tied layer is then
+    rebuilt only if a name mentions its owner. Returns the number of layers rebuilt.
     """
-    owners: set[int] = set()
+    owners: dict[int, tuple[str, Any]] = {}
     rebuilt = 0
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
         if method is None or not isinstance(weight, torch.Tensor) or weight.numel() == 0:
             continue
-        if weight.data_ptr() in owners:
+        owner_name, owner = owners.setdefault(weight.data_ptr(), (module_name, module))
+        if owner is module or not (loaded is None or _mentions(loaded, owner_name.rsplit(".", 1)[-1])):
+            continue
+        if hasattr(module, "cpu_linear") and hasattr(owner, "cpu_linear"):
+            module.cpu_linear = owner.cpu_linear
+        else:
             method.process_weights_after_loading(module)
-            rebuilt += 1
-        owners.add(weight.data_ptr())
+        rebuilt += 1
     return rebuilt
+
+
+def _mentions(names: frozenset[str], module: str) -> bool:
+    return any(module in name.split(".") for name in names)
+
+
+@contextmanager
+def _quiet_partial_reload() -> Iterator[None]:
+    """Silence vLLM's per-layer warnings that a layer got no weights: expected when a sync is partial."""
+    quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
 
 
 def _completion(out) -> Completion:

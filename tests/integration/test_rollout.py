@@ -18,6 +18,7 @@ import torch
 
 from ray_crm.config import RolloutConfig
 from ray_crm.rl.rollout import RolloutPool
+from ray_crm.rl.supervision import ActorCallError
 from ray_crm.rl.weights import policy_state_dict
 
 pytestmark = pytest.mark.integration
@@ -133,6 +134,32 @@ def test_greedy_output_equals_hf_after_syncing_merged_lora(pool, policy):
     assert_greedy_matches(pool, policy["model"], version=3)
 
 
+def test_a_partial_sync_replaces_exactly_the_lora_targets_it_sends(pool, policy):
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(copy.deepcopy(policy["model"]), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    state = policy_state_dict(lora, lora_targets_only=True)
+    layers = range(policy["model"].config.num_hidden_layers)
+    # q_proj is fused with k and v in vLLM: the group travels whole, and nothing else does
+    assert sorted(state) == sorted(f"model.layers.{i}.self_attn.{p}_proj.weight" for i in layers for p in "qkv")
+    report = pool.sync_weights(state, version=4, partial=True)
+    assert report.partial and report.nbytes == sum(t.numel() * 4 for t in state.values())
+    # the engines now serve the sent tensors and keep every other one (a stale or lost tensor would show)
+    policy["model"] = lora.merge_and_unload().eval()
+    assert_greedy_matches(pool, policy["model"], version=4)
+
+
+def test_a_partial_sync_with_part_of_a_fused_layer_is_refused_and_changes_nothing(pool, policy):
+    q = "model.layers.0.self_attn.q_proj.weight"
+    with pytest.raises(ActorCallError, match="k_proj.weight, model.layers.0.self_attn.v_proj"):
+        pool.sync_weights({q: torch.zeros_like(policy["model"].state_dict()[q])}, version=5, partial=True)
+    assert_greedy_matches(pool, policy["model"], version=4)
+
+
 def test_n_samples_are_distinct_with_the_policys_logprobs_and_come_back_in_order(pool, policy):
     rollouts = pool.generate(PROMPTS)
     assert [r.prompt for r in rollouts] == PROMPTS
@@ -151,17 +178,18 @@ def test_n_samples_are_distinct_with_the_policys_logprobs_and_come_back_in_order
 
 def test_an_engine_killed_mid_batch_is_replaced_and_the_batch_completes(pool, policy):
     old_pid = pool.group.wait_ready()[0]["pid"]
-    prompts = [f"the film number {i}" for i in range(16)]
-    with ThreadPoolExecutor(1) as executor:
-        future = executor.submit(pool.generate, prompts, n=8, max_new_tokens=256, ignore_eos=True)
-        time.sleep(3.0)
+    prompts = [f"the film number {i}" for i in range(32)]
+    with ThreadPoolExecutor(1) as executor:  # ~115k tokens: long enough to be killed in, even compiled
+        future = executor.submit(pool.generate, prompts, n=8, max_new_tokens=448, ignore_eos=True)
+        time.sleep(1.0)
         assert not future.done()
         ray.kill(pool.actors[0], no_restart=False)
         rollouts = future.result(timeout=600)
     assert [r.prompt for r in rollouts] == prompts
-    assert all(len(r.completions) == 8 and all(len(c.token_ids) == 256 for c in r.completions) for r in rollouts)
+    assert all(len(r.completions) == 8 and all(len(c.token_ids) == 448 for c in r.completions) for r in rollouts)
     assert pool.group.members[0].restarts == 1 and pool.group.wait_ready()[0]["pid"] != old_pid
-    assert_greedy_matches(pool, policy["model"], version=3)  # the replacement was given the latest weights
+    # the replacement was given the latest weights: the last full sync, then the partial one after it
+    assert_greedy_matches(pool, policy["model"], version=4)
 
 
 def test_ray_data_batch_inference_samples_every_prompt_n_times_and_scores_them(pool, tied_llama_dir):

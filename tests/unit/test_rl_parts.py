@@ -43,6 +43,11 @@ def test_packed_weights_round_trip_any_dtype_and_layout():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t)
 
 
+def test_packing_marks_partial_state_dicts():
+    assert not pack_state_dict({"w": torch.randn(3)}).partial
+    assert pack_state_dict({"w": torch.randn(3)}, partial=True).partial
+
+
 def test_packing_casts_floats_to_the_engine_dtype_only():
     packed = dict(pack_state_dict({"w": torch.randn(3), "i": torch.arange(3)}, torch.bfloat16).tensors())
     assert packed["w"].dtype == torch.bfloat16 and packed["i"].dtype == torch.int64
@@ -68,6 +73,55 @@ def test_policy_state_dict_merges_lora_without_touching_the_model(tiny_llama_dir
     assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(merged[q], plain[q])
+
+
+def test_lora_targets_only_sends_the_merged_targets_with_their_fused_siblings(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with pytest.raises(ValueError, match="PEFT"):
+        policy_state_dict(base, lora_targets_only=True)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    full = policy_state_dict(model)
+    sent = policy_state_dict(model, lora_targets_only=True)
+    layers = range(base.config.num_hidden_layers)
+    expected = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in layers for p in "qkv"]
+    expected += [f"model.layers.{i}.mlp.{p}_proj.weight" for i in layers for p in ("gate", "up")]
+    assert sorted(sent) == sorted(expected)
+    assert all(torch.equal(sent[k], full[k]) for k in sent)
+
+
+def test_repack_rebuilds_a_tied_layer_only_when_its_owner_may_have_changed():
+    from ray_crm.rl.vllm_engine import repack_tied_layers
+
+    class Method:
+        def __init__(self):
+            self.calls = 0
+
+        def process_weights_after_loading(self, layer):
+            self.calls += 1
+
+    class Layer(torch.nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight, self.quant_method = weight, Method()
+
+    model = torch.nn.Module()
+    model.embed_tokens = Layer(torch.nn.Parameter(torch.randn(4, 2)))
+    model.proj = Layer(torch.nn.Parameter(torch.randn(2, 2)))
+    model.lm_head = Layer(model.embed_tokens.weight)
+    assert repack_tied_layers(model) == 1 and model.lm_head.quant_method.calls == 1
+    assert repack_tied_layers(model, loaded=frozenset({"proj.weight"})) == 0
+    assert repack_tied_layers(model, loaded=frozenset({"model.embed_tokens.weight"})) == 1
+    assert model.embed_tokens.quant_method.calls == model.proj.quant_method.calls == 0
+    # on CPU the owner's freshly packed kernel is shared instead of packing the same weight again
+    model.embed_tokens.cpu_linear, model.lm_head.cpu_linear = "new kernel", "stale kernel"
+    assert repack_tied_layers(model) == 1 and model.lm_head.cpu_linear == "new kernel"
+    assert model.lm_head.quant_method.calls == 2
 
 
 def test_policy_state_dict_sends_tied_weights_once():
