@@ -110,14 +110,32 @@ def spearman(x: ArrayLike, y: ArrayLike) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def rank_dependence(rewards: ArrayLike, z: ArrayLike) -> float:
+    """How much the reward's rank depends on Z, in [0, 1]: |Spearman(reward, Z)| for a numeric Z, the correlation
+    ratio of the reward ranks over the groups of a categorical Z (for two groups the two are equal)."""
+    from scipy.stats import rankdata
+
+    z = np.asarray(z)
+    if np.issubdtype(z.dtype, np.number):
+        return abs(spearman(rewards, z))
+    ranks = rankdata(np.asarray(rewards, float))
+    _, group = np.unique(z.astype(str), return_inverse=True)
+    total = float(((ranks - ranks.mean()) ** 2).sum())
+    if total == 0 or group.max() == 0:
+        return 0.0
+    means = np.bincount(group, ranks) / np.bincount(group)
+    between = float((np.bincount(group) * (means - ranks.mean()) ** 2).sum())
+    return float(np.sqrt(between / total))
+
+
 def within_label_spearman(r_chosen: ArrayLike, r_rejected: ArrayLike, z_chosen: ArrayLike, z_rejected: ArrayLike) -> float:
-    """Mean |Spearman(reward, Z)| among the chosen and among the rejected responses.
+    """Mean `rank_dependence(reward, Z)` among the chosen and among the rejected responses.
 
     Where Z is planted with the preference label (validation splits), the plain correlation over all responses
     is high even for a reward that ignores Z; within one label the planted link is gone, so what is left is
     the reward's own dependence on Z - the quantity a conditional CRM drives to zero.
     """
-    return float(np.mean([abs(spearman(r_chosen, z_chosen)), abs(spearman(r_rejected, z_rejected))]))
+    return float(np.mean([rank_dependence(r_chosen, z_chosen), rank_dependence(r_rejected, z_rejected)]))
 
 
 def length_per_rank(rewards: ArrayLike, lengths: ArrayLike) -> np.ndarray:

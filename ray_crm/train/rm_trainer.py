@@ -124,12 +124,13 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
 
 
 def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, float]:
-    """`val_spearman_<z>` per numeric spurious variable (within-label |Spearman(reward, Z)|), and
-    `val_z_spearman`, the largest: a scale-free bias metric for sweeps (the MMD shrinks with the rewards)."""
+    """`val_spearman_<z>` per spurious variable (within-label |Spearman(reward, Z)|, or for a categorical Z the
+    rank correlation ratio), and `val_z_spearman`, the largest: a scale-free bias metric for sweeps (the MMD
+    shrinks with the rewards)."""
     out = {}
     for z in cfg.data.spurious:
         zc, zr = rows.get(f"z_{z.name}_chosen"), rows.get(f"z_{z.name}_rejected")
-        if zc is not None and np.issubdtype(zc.dtype, np.number) and np.issubdtype(zr.dtype, np.number):
+        if zc is not None and zr is not None:
             out[f"val_spearman_{z.name}"] = within_label_spearman(scores[:, 0], scores[:, 1], zc, zr)
     if out:
         out["val_z_spearman"] = max(out.values())

@@ -79,6 +79,16 @@ def test_a_swept_data_key_must_take_listed_values():
         "space": {"data.spurious.0.bins": SearchSpace(grid=[10, 20, 30])}})}))
 
 
+def test_a_sweep_metric_the_trainer_never_reports_fails_before_any_trial():
+    from ray_crm.tune.sweep import check_space
+
+    space = "sweep.space={loss.lambda_mmd: {grid: [1.0]}}"
+    z = "data.spurious=[{name: concept, kind: concept, column: concept}]"
+    check_space(load_config(None, [z, space, "sweep.bias_metric=val_spearman_concept"]))
+    with pytest.raises(ConfigError, match=r"sweep.bias_metric='val_spearman_length' is not a metric"):
+        check_space(load_config(None, [z, space, "sweep.bias_metric=val_spearman_length"]))
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_its_sweep_space_fits_the_schema(path):
     from ray_crm.tune.sweep import check_space

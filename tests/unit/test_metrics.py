@@ -80,6 +80,22 @@ def test_within_label_spearman_ignores_a_z_planted_with_the_label():
     assert metrics.within_label_spearman(z_c * 0.1, -z_r * 0.1, z_c, z_r) == pytest.approx(1.0)
 
 
+def test_rank_dependence_of_a_categorical_z():
+    rng = np.random.default_rng(0)
+    z = np.array(["story", "none", "acting"] * 40)
+    # rewards set by the group alone: the groups hold disjoint rank blocks, the most a ranking allows with
+    # 3 groups of 40 (the within-group rank variance (40^2 - 1) / 12 is all that is left)
+    separated = np.select([z == "story", z == "acting"], [2.0, 1.0], 0.0) + rng.normal(0, 1e-3, 120)
+    assert metrics.rank_dependence(separated, z) == pytest.approx(np.sqrt(1 - (40**2 - 1) / (120**2 - 1)))
+    # rewards independent of Z: little of the rank variance is between groups
+    assert metrics.rank_dependence(rng.normal(size=120), z) < 0.3
+    # two groups: the correlation ratio is |Spearman| with Z coded 0/1
+    two = np.array(["a", "b"] * 30)
+    r = rng.normal(size=60) + (two == "b")
+    assert metrics.rank_dependence(r, two) == pytest.approx(abs(metrics.spearman(r, two == "b")), abs=1e-9)
+    assert metrics.rank_dependence(r, np.array(["a"] * 60)) == 0.0
+
+
 def test_length_per_rank():
     rewards = [[1, 3, 2], [0, 5, 9]]
     lengths = [[10, 30, 20], [1, 2, 3]]
