@@ -3,7 +3,7 @@
 Two jobs, both torch/numpy only:
 - `policy_state_dict`: the learner's current policy as a plain HF state dict (LoRA merged in, without
   touching the trained model), which is what vLLM's `load_weights` understands; with `lora_targets_only`
-  just the tensors a LoRA step changes (a partial sync: ~13% of SmolLM2's bytes for q/v adapters);
+  just the tensors a LoRA step changes (a partial sync: 12% of SmolLM2's bytes for q/v adapters);
 - `PackedWeights`: that state dict as uint8 numpy views, so one `ray.put` copies it into the object store
   and every engine on the node maps it without another copy (torch tensors would be pickled; vLLM's
   `collective_rpc` would turn them into lists).
@@ -103,7 +103,10 @@ def policy_state_dict(model: nn.Module, lora_targets_only: bool = False) -> dict
         if name in deltas or saved in name:
             trained.add(hf_name)
     if lora_targets_only:
-        merged = {name: t for name, t in merged.items() if name in _with_fused_siblings(trained, merged)}
+        if any(getattr(c, "bias", "none") != "none" for c in model.peft_config.values()):
+            raise ValueError("lora_targets_only does not track biases trained by LoRA (bias != 'none')")
+        sent = _with_fused_siblings(trained, merged)
+        merged = {name: t for name, t in merged.items() if name in sent}
     return _untied(merged)
 
 
