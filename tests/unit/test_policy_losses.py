@@ -1,0 +1,91 @@
+"""The RL math on hand-made cases: advantages, the clipped surrogate, k3 KL and the GR finite difference."""
+
+import pytest
+import torch
+
+from ray_crm.rl.policy_losses import (
+    clipped_policy_loss,
+    gradient_regularized_grads,
+    group_advantages,
+    kl_to_reference,
+)
+
+
+def test_group_advantages_subtract_each_prompts_mean():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 40.0]])
+    assert torch.equal(group_advantages(rewards), torch.tensor([[-1.0, 0.0, 1.0], [-10.0, -10.0, 20.0]]))
+    # whitening keeps the signs and the ranking and gives unit spread, whatever the reward scale
+    tiny = group_advantages(rewards * 1e-3, whiten=True)
+    assert torch.allclose(tiny, group_advantages(rewards, whiten=True), atol=1e-5)
+    assert tiny.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_clipped_policy_loss_clips_only_past_the_trust_region():
+    old = torch.zeros(1, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
+    # ratio 1.1 (inside 1 +- 0.2): the plain surrogate -ratio * A
+    loss, _ = clipped_policy_loss(torch.log(torch.full((1, 3), 1.1)), old, torch.tensor([2.0]), mask)
+    assert loss.item() == pytest.approx(-1.1 * 2.0)
+    # ratio 2 with a positive advantage: capped at 1.2; with a negative advantage the pessimistic side is kept
+    logp = torch.log(torch.full((1, 3), 2.0))
+    loss, stats = clipped_policy_loss(logp, old, torch.tensor([1.0]), mask)
+    assert loss.item() == pytest.approx(-1.2) and stats["policy/clip_fraction"] == 1.0
+    loss, _ = clipped_policy_loss(logp, old, torch.tensor([-1.0]), mask)
+    assert loss.item() == pytest.approx(2.0)
+    # Dr.GRPO: a constant normaliser instead of the token count
+    loss, _ = clipped_policy_loss(torch.log(torch.full((1, 3), 1.1)), old, torch.tensor([2.0]), mask, norm=4.0)
+    assert loss.item() == pytest.approx(-1.1 * 2.0 * 2 / 4)
+
+
+def test_k3_kl_is_zero_at_the_reference_and_matches_the_exact_kl_in_expectation():
+    mask = torch.ones(1, 4)
+    logp = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    assert kl_to_reference(logp, logp, mask).item() == 0.0
+    # sampling tokens from pi, the mean of k3 estimates KL(pi || ref)
+    pi, ref = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    tokens = torch.multinomial(pi, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    estimate = kl_to_reference(pi.log()[tokens][None], ref.log()[tokens][None], torch.ones(1, len(tokens)))
+    assert estimate.item() == pytest.approx(float((pi * (pi / ref).log()).sum()), rel=0.02)
+
+
+def _model_and_loss():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    return net, lambda: ((net(x) - y) ** 2).mean()
+
+
+def test_gr_gradient_matches_the_exact_gradient_of_the_penalised_loss():
+    net, loss_fn = _model_and_loss()
+    params = list(net.parameters())
+    gamma = 0.1
+    # exact: grad of L + gamma / 2 * ||grad L||^2 by double backward
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    penalised = loss_fn() + gamma / 2 * sum((g ** 2).sum() for g in grads)
+    exact = torch.autograd.grad(penalised, params)
+    before = [p.detach().clone() for p in params]
+    gr, stats = gradient_regularized_grads(loss_fn, params, gamma, fd_eps=1e-3, max_norm=1e9)
+    for a, b in zip(gr, exact):
+        assert torch.allclose(a, b, atol=2e-4, rtol=1e-3)
+    # the penalty term is not negligible here, so the test would catch gamma being ignored
+    plain = torch.autograd.grad(loss_fn(), params)
+    assert max((a - b).abs().max().item() for a, b in zip(plain, exact)) > 1e-2
+    # restored bit for bit, and the norms are logged
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert stats["gr/g1_norm"] > 0 and stats["gr/g2_norm"] > 0
+
+
+def test_gr_with_gamma_zero_is_the_clipped_plain_gradient_and_frozen_params_stay_put():
+    net, loss_fn = _model_and_loss()
+    params = list(net.parameters())
+    plain = torch.autograd.grad(loss_fn(), params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in plain))
+    gr, stats = gradient_regularized_grads(loss_fn, params, 0.0, max_norm=0.5)
+    assert stats["gr/g1_norm"] == pytest.approx(norm.item(), rel=1e-6)
+    for a, b in zip(gr, plain):
+        assert torch.allclose(a, b * 0.5 / norm, atol=1e-6)
+    # only the last layer perturbed: the first layer's correction still comes from the mixed Hessian term
+    head_only = [False, False, True, True]
+    gr_head, _ = gradient_regularized_grads(loss_fn, params, 0.1, perturb=head_only, max_norm=1e9)
+    gr_all, _ = gradient_regularized_grads(loss_fn, params, 0.1, max_norm=1e9)
+    assert not torch.allclose(gr_head[0], gr_all[0])
