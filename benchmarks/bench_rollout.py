@@ -16,6 +16,9 @@ engine's greedy output is checked against HF's for the same weights. Then the sa
 default targets, q_proj and v_proj, rank 64 as in `ray_crm.config.LoraConfig`): only the merged targets and their
 fused siblings travel, as a partial sync (`sync_s_135m_lora`; computing the merge is timed apart), and the greedy
 output is checked against the merged HF model. A folder reload is timed beside them.
+
+`--dtype bf16` runs both sides in bf16 (the engine's `rollout.dtype` and HF's weights), like for like; write it to
+another file with `--out`. The default, fp32, is the learner's precision on CPU and gives the headline keys.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ RESULTS = Path(__file__).parent / "results" / "rollout.json"
 TOPICS = ["a movie", "a product you bought", "a restaurant", "a book", "a city", "a song", "a teacher", "a game"]
 STYLES = ["Write a positive sentence about {}.", "Write a short review of {}.", "Describe {} in one sentence.",
           "Tell a friend about {}."]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPTS = [style.format(topic) for topic in TOPICS for style in STYLES]  # 32
 
 
@@ -119,6 +123,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--syncs", type=int, default=5)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both sides alike")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -134,6 +139,7 @@ def main() -> None:
     cfg = RolloutConfig(
         engines=1, cpus_per_engine=1.0, engine_threads=args.threads, kv_cache_gib=1.0, max_model_len=512,
         n_samples=args.samples, max_new_tokens=args.new_tokens, temperature=args.temperature, ignore_eos=True,
+        dtype=args.dtype,
     )
     start = time.perf_counter()
     pool = RolloutPool(path, cfg)
@@ -143,7 +149,7 @@ def main() -> None:
         prompt_ids = [r.prompt_token_ids for r in rollouts]
         vllm_tokens = sum(len(c.token_ids) for r in rollouts for c in r.completions)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
         hf_generate(model, tokenizer, prompt_ids[:2], args.samples, 8, args.temperature)  # warm-up
         vllm_times, hf_times = [], []
         for _ in range(args.rounds):  # interleaved: both sides see the same load on a shared machine
@@ -179,6 +185,7 @@ def main() -> None:
         "command": "python benchmarks/bench_rollout.py " + " ".join(sys.argv[1:]),
         "machine": info,
         "model": args.model,
+        "dtype": args.dtype,
         "workload": {"prompts": len(PROMPTS), "samples": args.samples, "new_tokens": args.new_tokens,
                      "temperature": args.temperature, "engines": cfg.engines},
         "engine_start_s": start_s,
