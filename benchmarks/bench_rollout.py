@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--syncs", type=int, default=5)
+    parser.add_argument("--engines", type=int, default=1, help="engines in the pool, sharing --threads between them")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both sides alike")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -137,7 +138,8 @@ def main() -> None:
     os.environ["RAY_worker_niceness"] = "0"
     init_ray(RayConfig(num_cpus=os.cpu_count(), torch_threads=args.threads))
     cfg = RolloutConfig(
-        engines=1, cpus_per_engine=1.0, engine_threads=args.threads, kv_cache_gib=1.0, max_model_len=512,
+        engines=args.engines, cpus_per_engine=1.0, engine_threads=max(1, args.threads // args.engines),
+        kv_cache_gib=1.0, max_model_len=512,
         n_samples=args.samples, max_new_tokens=args.new_tokens, temperature=args.temperature, ignore_eos=True,
         dtype=args.dtype,
     )
