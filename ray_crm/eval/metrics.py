@@ -123,8 +123,8 @@ def rank_dependence(rewards: ArrayLike, z: ArrayLike) -> float:
     total = float(((ranks - ranks.mean()) ** 2).sum())
     if total == 0 or group.max() == 0:
         return 0.0
-    means = np.bincount(group, ranks) / np.bincount(group)
-    between = float((np.bincount(group) * (means - ranks.mean()) ** 2).sum())
+    sizes = np.bincount(group)
+    between = float((sizes * (np.bincount(group, ranks) / sizes - ranks.mean()) ** 2).sum())
     return float(np.sqrt(between / total))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ray_crm.config import RolloutConfig
-from ray_crm.rl.weights import PackedWeights
+from ray_crm.rl.weights import PackedWeights, fused_siblings
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages  # text (wrapped as a user turn if the chat template applies) or a chat
@@ -198,16 +198,10 @@ class RolloutEngine:
         """Refuse a partial state dict holding only some parts of a fused layer: the rest would be garbage."""
         (mapping,) = self.llm.apply_model(lambda model: dict(getattr(model, "packed_modules_mapping", {})))
         for name in sorted(names):
-            parts = name.split(".")
-            for group in mapping.values():
-                if len(parts) >= 2 and parts[-2] in group:
-                    missing = [
-                        sibling for sibling in (".".join([*parts[:-2], p, parts[-1]]) for p in group)
-                        if sibling not in names
-                    ]
-                    if missing:
-                        raise ValueError(f"partial weights have {name} but not {', '.join(missing)}: vLLM fuses "
-                                         "them into one layer; send the whole group")
+            missing = sorted(fused_siblings(name, mapping.values()) - names)
+            if missing:
+                raise ValueError(f"partial weights have {name} but not {', '.join(missing)}: vLLM fuses "
+                                 "them into one layer; send the whole group")
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()

@@ -12,7 +12,7 @@ Two jobs, both torch/numpy only:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,14 +112,17 @@ def policy_state_dict(model: nn.Module, lora_targets_only: bool = False) -> dict
 
 def _with_fused_siblings(names: set[str], available: Mapping[str, Tensor]) -> set[str]:
     """`names` plus the other parts of each fused projection group they belong to."""
-    out = set(names)
-    for name in names:
-        parts = name.split(".")
-        for group in FUSED_PROJECTIONS:
-            if len(parts) >= 2 and parts[-2] in group:
-                siblings = {".".join([*parts[:-2], proj, parts[-1]]) for proj in group}
-                out |= siblings & available.keys()
-    return out
+    return names.union(*(fused_siblings(name, FUSED_PROJECTIONS) & available.keys() for name in names))
+
+
+def fused_siblings(name: str, groups: Iterable[Sequence[str]]) -> set[str]:
+    """Every part's tensor name of the fused group `name` belongs to (itself included; empty if in none):
+    `model.layers.0.self_attn.q_proj.weight` -> the q, k and v projections' weights of layer 0."""
+    parts = name.split(".")
+    if len(parts) < 2:
+        return set()
+    *prefix, module, leaf = parts
+    return {".".join([*prefix, part, leaf]) for group in groups if module in group for part in group}
 
 
 def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -123,6 +123,11 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
     return summary, scores
 
 
+def validation_metric_names(cfg: Config) -> set[str]:
+    """Every metric `evaluate` reports under `cfg`: what a sweep may rank trials by."""
+    return {"val_accuracy", "val_bt_loss", "val_mmd", "val_z_spearman", *(f"val_spearman_{z.name}" for z in cfg.data.spurious)}
+
+
 def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, float]:
     """`val_spearman_<z>` per spurious variable (within-label |Spearman(reward, Z)|, or for a categorical Z the
     rank correlation ratio), and `val_z_spearman`, the largest: a scale-free bias metric for sweeps (the MMD

@@ -37,7 +37,9 @@ def check_space(cfg: Config) -> None:
     """Fail before any trial starts if a swept key or value does not fit the schema, naming the key."""
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: give at least one dotted key with grid/choice/uniform/loguniform")
-    reported = {"val_accuracy", "val_bt_loss", "val_mmd", "val_z_spearman", *(f"val_spearman_{z.name}" for z in cfg.data.spurious)}
+    from ray_crm.train.rm_trainer import validation_metric_names
+
+    reported = validation_metric_names(cfg)
     for field in ("metric", "bias_metric"):
         if getattr(cfg.sweep, field) not in reported:
             raise ConfigError(f"sweep.{field}={getattr(cfg.sweep, field)!r} is not a metric the trainer reports: "
