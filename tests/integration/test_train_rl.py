@@ -1,0 +1,69 @@
+"""`train-rl` end to end on real Ray and vLLM: a tiny Llama policy, a tiny BERT RM, a VADER gold scorer."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from ray_crm.config import validate
+from ray_crm.rl.grpo_trainer import run_train_rl
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path, policy, rm, prompts_file, steps: int):
+    return validate({
+        "name": "rl", "output_dir": str(tmp_path / "out"), "ray": {"num_cpus": 2},
+        "rollout": {"cpus_per_engine": 0.5, "kv_cache_gib": 0.25, "max_model_len": 256, "n_samples": 4,
+                    "max_new_tokens": 8, "temperature": 1.0, "enforce_eager": True},
+        "reward": {"model": str(rm), "cpus_per_actor": 0.25, "gold": [{"name": "vader", "kind": "vader"}]},
+        "rl": {"policy": str(policy), "steps": steps, "prompts_per_step": 2, "micro_batch_size": 4, "lr": 2e-2,
+               "regularizer": "gr", "gr_gamma": 0.1, "checkpoint_every": 2, "learner_cpus": 0.25,
+               "prompts": [str(prompts_file)], "lora": {"rank": 4, "alpha": 8}},
+    })
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_resumes(
+        ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": p} for p in ["the movie was", "i love this film", "what a boring plot"]]
+    lines.insert(1, {"text": "no prompt field"})
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    summary = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=3))
+    out = tmp_path / "out" / "rl" / "train-rl"
+    rows = _rows(out / "rl.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    # the rollouts of step k came from the weights of step k - 1: every step's weights reached the engine
+    assert [int(float(r["policy_version"])) for r in rows] == [0, 1, 2]
+    # and the learner's recomputed log-probs match the engine's within fp32 noise at every step
+    assert all(float(r["policy/engine_logprob_gap"]) < 1e-3 for r in rows)
+    for key in ("reward_mean", "gold_vader_mean", "gr/g1_norm", "gr/g2_norm", "time/sync_s", "response_tokens_mean"):
+        assert all(r[key] != "" for r in rows), key
+    bad = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [(b["line"], b["field"], b["reason"]) for b in bad] == [(2, "prompt", "missing")]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+
+    # the policy moved away from the initial weights (so a missed sync would have shown in the gap)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        start = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(input_ids=ids).logits
+        trained = AutoModelForCausalLM.from_pretrained(summary["policy"])(input_ids=ids).logits
+    assert (start - trained).abs().max() > 1e-3
+
+    # the same command with more steps resumes from the last checkpoint instead of starting over
+    again = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=4))
+    assert again["resumed_from_step"] == 3
+    rows = _rows(out / "rl.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert int(float(rows[-1]["policy_version"])) == 3 and float(rows[-1]["policy/engine_logprob_gap"]) < 1e-3

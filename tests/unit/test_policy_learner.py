@@ -1,0 +1,148 @@
+"""The GRPO learner on a tiny Llama (no Ray): log-prob alignment, regularizers, resume, exported weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ray_crm.config import LoraConfig, RLConfig
+from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences, token_logprobs
+
+PROMPTS = [[1, 7, 9, 12], [1, 30]]
+RESPONSES = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
+T = 0.7
+
+
+def _cfg(**kw) -> RLConfig:
+    base = {"lr": 5e-2, "micro_batch_size": 1, "regularizer": "none", "lora": LoraConfig(rank=4, alpha=8)}
+    return RLConfig(**{**base, **kw})
+
+
+def _batch(advantages=(1.0, -1.0), engine=None) -> PolicyBatch:
+    engine = engine or [[0.0] * len(r) for r in RESPONSES]
+    return PolicyBatch(PROMPTS, RESPONSES, list(advantages), engine, T, max_new_tokens=8)
+
+
+def _sequence_logprobs(learner: PolicyLearner) -> list[list[float]]:
+    """Each response token's log-prob, one sequence at a time (no padding): the reference computation."""
+    out = []
+    with torch.no_grad():
+        for p, r in zip(PROMPTS, RESPONSES):
+            ids = torch.tensor([p + r])
+            logits = learner.model(input_ids=ids).logits[0, len(p) - 1 : -1] / T
+            out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1).tolist())
+    return out
+
+
+def _params(learner):
+    return [p.detach().clone() for p in learner.params]
+
+
+def test_response_mask_marks_the_positions_that_predict_response_tokens():
+    (mb,) = pack_sequences(PROMPTS, RESPONSES, pad_id=0, micro_batch_size=2)
+    assert mb.input_ids.shape == (2, 8) and mb.input_ids[1, 7].item() == 55 and mb.input_ids[0, 7].item() == 0
+    assert mb.attention_mask[0].tolist() == [1] * 7 + [0]
+    assert mb.response_mask[0].tolist() == [0, 0, 0, 1, 1, 1, 0]
+    assert mb.response_mask[1].tolist() == [0, 1, 1, 1, 1, 1, 1]
+    # the masked positions' targets are exactly the response tokens
+    targets = mb.input_ids[:, 1:]
+    assert targets[0][mb.response_mask[0].bool()].tolist() == RESPONSES[0]
+    assert targets[1][mb.response_mask[1].bool()].tolist() == RESPONSES[1]
+
+
+def test_token_logprobs_are_of_the_tempered_distribution():
+    logits = torch.randn(1, 3, 5)
+    ids = torch.tensor([[0, 2, 4]])
+    expected = torch.log_softmax(logits[0, :2] / 0.5, -1)[[0, 1], [2, 4]]
+    assert torch.allclose(token_logprobs(logits, ids, 0.5)[0], expected, atol=1e-6)
+
+
+def test_batched_padded_logprobs_equal_one_sequence_at_a_time(tiny_llama_dir):
+    learner = PolicyLearner(tiny_llama_dir, _cfg(micro_batch_size=2))
+    exact = _sequence_logprobs(learner)
+    # the learner's own log-probs as engine log-probs: the measured gap is zero; shifted by 0.5: 0.5
+    assert learner_gap(learner, exact) == pytest.approx(0.0, abs=1e-5)
+    assert learner_gap(learner, [[x + 0.5 for x in row] for row in exact]) == pytest.approx(0.5, abs=1e-4)
+
+
+def learner_gap(learner, engine) -> float:
+    lr = learner.optimizer.param_groups[0]["lr"]
+    learner.optimizer.param_groups[0]["lr"] = 0.0
+    try:
+        return learner.step(_batch(engine=engine))["policy/engine_logprob_gap"]
+    finally:
+        learner.optimizer.param_groups[0]["lr"] = lr
+
+
+def test_a_step_raises_the_favoured_response_and_lowers_the_other(tiny_llama_dir):
+    learner = PolicyLearner(tiny_llama_dir, _cfg())
+    before = _sequence_logprobs(learner)
+    stats = learner.step(_batch(advantages=(1.0, -1.0)))
+    after = _sequence_logprobs(learner)
+    assert sum(after[0]) > sum(before[0]) and sum(after[1]) < sum(before[1])
+    assert stats["policy/clip_fraction"] == 0.0 and stats["policy/grad_norm"] > 0
+    assert stats["policy/response_tokens"] == len(RESPONSES[0]) + len(RESPONSES[1])
+
+
+def test_gr_with_gamma_zero_steps_like_no_regularizer_and_gamma_changes_the_step(tiny_llama_dir):
+    steps = {}
+    for name, kw in {"none": {}, "gr0": {"regularizer": "gr", "gr_gamma": 0.0},
+                     "gr": {"regularizer": "gr", "gr_gamma": 1.0, "gr_fd_eps": 1e-2}}.items():
+        learner = PolicyLearner(tiny_llama_dir, _cfg(lr=1e-3, **kw))
+        start = _params(learner)
+        stats = learner.step(_batch())
+        steps[name] = [p.detach() - s for p, s in zip(learner.params, start)]
+        if name != "none":
+            assert stats["gr/g1_norm"] > 0 and stats["gr/g2_norm"] > 0
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(steps["none"], steps["gr0"]))
+    assert not all(torch.allclose(a, b, atol=1e-7) for a, b in zip(steps["none"], steps["gr"]))
+
+
+def test_gr_perturbs_only_transformer_block_parameters(tiny_llama_dir):
+    learner = PolicyLearner(tiny_llama_dir, _cfg(regularizer="gr", lora=LoraConfig(enabled=False)))
+    perturbed = {n for n, moved in zip(learner.names, learner.perturb) if moved}
+    assert perturbed and all(".layers." in n for n in perturbed)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(learner.names) - perturbed
+
+
+def test_kl_starts_at_zero_and_reference_resets_bring_it_back(tiny_llama_dir):
+    learner = PolicyLearner(tiny_llama_dir, _cfg(regularizer="reset", reset_every=2, kl_beta=0.1))
+    kls = [learner.step(_batch())["policy/kl_to_reference"] for _ in range(4)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-7)  # the reference is the initial policy
+    assert kls[1] > 1e-4  # one step away from it
+    assert kls[2] == pytest.approx(0.0, abs=1e-7)  # reset after step 2: reference = policy again
+    assert kls[3] > 1e-4
+    plain = PolicyLearner(tiny_llama_dir, _cfg(regularizer="kl", kl_beta=0.1))
+    assert [plain.step(_batch())["policy/kl_to_reference"] > 1e-4 for _ in range(3)] == [False, True, True]
+
+
+def test_a_resumed_learner_takes_the_same_next_step(tiny_llama_dir):
+    a = PolicyLearner(tiny_llama_dir, _cfg(regularizer="kl", kl_beta=0.1))
+    a.step(_batch())
+    state = a.state()
+    a.step(_batch(advantages=(-1.0, 1.0)))
+    b = PolicyLearner(tiny_llama_dir, _cfg(regularizer="kl", kl_beta=0.1, seed=1))
+    b.load_state(state)
+    assert b.step_count == 1
+    b.step(_batch(advantages=(-1.0, 1.0)))
+    assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(a.params, b.params))
+
+
+def test_engine_weights_and_the_exported_policy_are_the_trained_policy(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    learner = PolicyLearner(tiny_llama_dir, _cfg())
+    learner.step(_batch())
+    weights, partial = learner.engine_weights()
+    assert partial and weights and all(".layers." in n for n in weights)
+    folder = learner.save_policy(tmp_path / "policy")
+    exported = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([PROMPTS[0] + RESPONSES[0]])
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=ids).logits, learner.model(input_ids=ids).logits, atol=1e-5)
+    learner.step(_batch())  # exporting left the learner intact
+
+
+def test_gr_needs_trainable_block_parameters(tiny_llama_dir):
+    with pytest.raises(ValueError, match="transformer-block"):
+        PolicyLearner(tiny_llama_dir, _cfg(regularizer="gr", lora=LoraConfig(target_modules=["lm_head"])))
