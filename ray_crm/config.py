@@ -190,6 +190,7 @@ class RLConfig(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward/backward, fp32 weights and Adam")
     use_gpu: bool = False
     learner_cpus: float = Field(0.5, gt=0.0, description="Ray CPUs reserved by the learner actor")
+    learner_threads: int | None = Field(None, ge=1, description="torch threads of the learner; None: ray.torch_threads")
     lora: LoraConfig = Field(default_factory=lambda: LoraConfig(rank=16, alpha=32))
     prompts: list[str] = Field(
         default_factory=list, description="JSONL/CSV/Parquet files with a prompt column; empty: the VADER task prompts"

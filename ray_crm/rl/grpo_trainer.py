@@ -44,7 +44,7 @@ class PolicyLearnerActor:
     """A Ray actor holding the `PolicyLearner` (on a GPU when `rl.use_gpu`)."""
 
     def __init__(self, model_path: str, cfg: Config):
-        set_threads(cfg.ray.torch_threads)
+        set_threads(cfg.rl.learner_threads or cfg.ray.torch_threads)
         self.learner = PolicyLearner(model_path, cfg.rl)
 
     def step(self, batch: PolicyBatch) -> dict[str, float]:
