@@ -236,7 +236,9 @@ class SearchSpace(Section):
 class SweepConfig(Section):
     """Ray Tune over a stage's entry: search space keyed by dotted config keys; accuracy vs bias."""
 
-    stage: Literal["train-rm"] = "train-rm"
+    stage: Literal["train-rm", "train-rl"] = Field(
+        "train-rm", description="train-rl: metric/bias_metric are rl.csv columns, e.g. gold_vader_mean / response_tokens_mean"
+    )
     space: dict[str, SearchSpace] = Field(default_factory=dict)
     num_samples: int = Field(1, ge=1, description="repeats of the grid, or draws for choice/uniform")
     metric: str = "val_accuracy"

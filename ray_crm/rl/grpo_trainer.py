@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from ray_crm.config import Config, ConfigError
 from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner
 from ray_crm.rl.policy_losses import group_advantages
 from ray_crm.rl.prompts import load_prompts
-from ray_crm.rl.reward_actor import REWARD_KEY, RewardPool
+from ray_crm.rl.reward_actor import REWARD_KEY, RewardPool, gold_key
 from ray_crm.rl.rollout import ENGINE_DTYPES, RolloutPool
 from ray_crm.rl.weights import pack_state_dict
 from ray_crm.runtime import init_ray, set_threads
@@ -94,7 +95,30 @@ def _means(values: dict[str, list[float]]) -> dict[str, float]:
     return {f"{key}_mean": sum(v) / len(v) for key, v in values.items() if v}
 
 
-def run_train_rl(cfg: Config) -> dict[str, Any]:
+def trial_bundles(cfg: Config) -> list[dict[str, float]]:
+    """The Ray resources of one run: the driver's bundle, then one bundle for every actor it starts (a Tune trial
+    reserves both; Tune keeps the first for the trial itself and creates the actors in the second). GPU engines
+    place themselves in their own placement group, so only CPU engines are counted."""
+    actors = (cfg.reward.actors if cfg.reward.model else 0) + len(cfg.reward.gold)
+    engines = 0 if cfg.rollout.use_gpu else cfg.rollout.engines
+    cpus = engines * cfg.rollout.cpus_per_engine + actors * cfg.reward.cpus_per_actor + cfg.rl.learner_cpus
+    return [{"CPU": 0.01}, {"CPU": round(cpus, 4), **({"GPU": 1.0} if cfg.rl.use_gpu else {})}]
+
+
+def reported_metric_names(cfg: Config) -> set[str]:
+    """The scalar columns of `rl.csv` a sweep may rank trials by (besides the learner's own statistics)."""
+    names = {f"{REWARD_KEY}_mean", "reward_std", "response_tokens_mean", "finished_fraction", "policy/loss",
+             "policy/grad_norm", "policy/engine_logprob_gap"}
+    names |= {f"{gold_key(g.name)}_mean" for g in cfg.reward.gold}
+    if cfg.rl.regularizer == "gr":
+        names |= {"gr/g1_norm", "gr/g2_norm"}
+    if cfg.rl.regularizer in ("kl", "reset"):
+        names.add("policy/kl_to_reference")
+    return names
+
+
+def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the policy; `report` (e.g. `ray.tune.report`) receives every step's metrics."""
     check(cfg)
     rl = cfg.rl
     out = output_dir(cfg)
@@ -136,7 +160,7 @@ def run_train_rl(cfg: Config) -> dict[str, Any]:
             )
             stats = ray.get(learner.step.remote(batch))
             t3 = time.perf_counter()
-            report = _sync(learner, pool, dtype, version=step + 1)
+            synced = _sync(learner, pool, dtype, version=step + 1)
             lengths = [len(c.token_ids) for _, c in flat]
             row = {
                 **_means(scores), "reward_std": float(reward.std()),
@@ -144,9 +168,11 @@ def run_train_rl(cfg: Config) -> dict[str, Any]:
                 "finished_fraction": sum(c.finish_reason == "stop" for _, c in flat) / len(flat),
                 "policy_version": min(r.policy_version for r in rollouts), **stats,
                 "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/learn_s": t3 - t2,
-                "time/sync_s": report.seconds,
+                "time/sync_s": synced.seconds,
             }
             log.write(step + 1, row)
+            if report is not None:
+                report({"step": step + 1, **row})
             samples.writelines(json.dumps({"step": step + 1, "prompt": r.prompt, "response": r.completions[0].text})
                                + "\n" for r in rollouts)
             samples.flush()

@@ -1,8 +1,9 @@
 """Ray Tune sweeps of regularisation strength (lambda, bins, variant, kernel...) over a stage's entry function.
 
-Each trial is a function trainable that runs the project's own training entry (`run_train_rm`) with the
-trial's values set on the base config, reporting to Tune through `TuneReportCallback` (Ray 2.60's supported
-pattern; a TorchTrainer can no longer be passed to `Tuner`). Ray Data datasets are built in the driver and
+Each trial is a function trainable that runs the project's own training entry (`run_train_rm`, or
+`run_train_rl` for `sweep.stage=train-rl`: GR gamma, KL beta...) with the trial's values set on the base config,
+reporting to Tune through `TuneReportCallback` (Ray 2.60's supported pattern; a TorchTrainer can no longer be
+passed to `Tuner`), or for RL every step's metrics through `tune.report`. Ray Data datasets are built in the driver and
 handed to the trials with `tune.with_parameters`. The search space lives in the same typed config
 (`sweep.space`: dotted key -> grid / choice / uniform / loguniform) and every value is validated against the
 schema before any trial starts. Swept `data.*` keys (e.g. the number of bins, `data.spurious.0.bins`) change
@@ -37,9 +38,7 @@ def check_space(cfg: Config) -> None:
     """Fail before any trial starts if a swept key or value does not fit the schema, naming the key."""
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: give at least one dotted key with grid/choice/uniform/loguniform")
-    from ray_crm.train.rm_trainer import validation_metric_names
-
-    reported = validation_metric_names(cfg)
+    reported = _reported_metrics(cfg)
     for field in ("metric", "bias_metric"):
         if getattr(cfg.sweep, field) not in reported:
             raise ConfigError(f"sweep.{field}={getattr(cfg.sweep, field)!r} is not a metric the trainer reports: "
@@ -48,6 +47,8 @@ def check_space(cfg: Config) -> None:
     for key, spec in cfg.sweep.space.items():
         if key.startswith("sweep."):
             raise ConfigError(f"sweep.space.{key}: the sweep section itself cannot be swept")
+        if key.startswith("data.") and cfg.sweep.stage == "train-rl":
+            raise ConfigError(f"sweep.space.{key}: train-rl reads no prepared data; sweep rl.*, reward.* or rollout.*")
         if key.startswith("data.") and not (spec.grid or spec.choice):
             raise ConfigError(f"sweep.space.{key}: a data key changes the prepared data, which is made once per "
                               "value before the trials: give grid or choice values, not a range")
@@ -56,6 +57,28 @@ def check_space(cfg: Config) -> None:
                 validate(set_dotted(copy.deepcopy(base), key.split("."), value), f"sweep.space.{key}={value!r}")
             except ConfigError as exc:
                 raise ConfigError(str(exc)) from None
+
+
+def _reported_metrics(cfg: Config) -> set[str]:
+    if cfg.sweep.stage == "train-rl":
+        from ray_crm.rl.grpo_trainer import reported_metric_names
+
+        return reported_metric_names(cfg)
+    from ray_crm.train.rm_trainer import validation_metric_names
+
+    return validation_metric_names(cfg)
+
+
+def _trial_resources(cfg: Config):
+    """train-rm: the trial only drives (its TorchTrainer reserves the workers); train-rl: the trial's actors are
+    created inside its placement group, so it reserves a bundle for each."""
+    if cfg.sweep.stage == "train-rm":
+        return {"CPU": 0.01}
+    from ray import tune
+
+    from ray_crm.rl.grpo_trainer import trial_bundles
+
+    return tune.PlacementGroupFactory(trial_bundles(cfg))
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
@@ -122,6 +145,11 @@ def _trainable(params: dict[str, Any], base: dict[str, Any], variants: dict[str,
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    if base["sweep"]["stage"] == "train-rl":
+        from ray_crm.rl.grpo_trainer import run_train_rl
+
+        run_train_rl(trial_config(base, params, tune.get_context().get_trial_id()), report=tune.report)
+        return None  # every step was reported; a returned dict would be a last result without the metrics
     from ray_crm.train.rm_trainer import run_train_rm
 
     folder, datasets = variants[variant_key(params, data_keys)]
@@ -212,10 +240,10 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     # trials get their own names and working directories: pin every path to what the driver resolved
     base["output_dir"] = str(Path(cfg.output_dir).resolve())
     base["data"]["output_dir"] = str(cfg.prepared_dir())
-    variants = prepare_variants(cfg, base, out / "data")
+    variants = prepare_variants(cfg, base, out / "data") if cfg.sweep.stage == "train-rm" else {}
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, variants=variants, data_keys=_data_keys(cfg)),
-        {"CPU": 0.01},  # the trial only drives; its TorchTrainer reserves the workers
+        _trial_resources(cfg),
     )
     if path.exists() and tune.Tuner.can_restore(str(path)):
         if not cfg.sweep.resume:

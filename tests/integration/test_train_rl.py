@@ -67,3 +67,20 @@ def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_resume
     rows = _rows(out / "rl.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert int(float(rows[-1]["policy_version"])) == 3 and float(rows[-1]["policy/engine_logprob_gap"]) < 1e-3
+
+
+def test_a_tune_sweep_of_gr_gamma_runs_rl_trials_and_picks_one(ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir):
+    from ray_crm.tune.sweep import run_sweep
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i love this film"]))
+    data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=2).model_dump(mode="json")
+    data["sweep"] = {"stage": "train-rl", "metric": "gold_vader_mean", "bias_metric": "response_tokens_mean",
+                     "space": {"rl.gr_gamma": {"grid": [0.0, 0.1]}}}
+    summary = run_sweep(validate(data))
+    assert summary["trials"] == 2 and summary["errors"] == 0
+    table = (tmp_path / "out" / "rl" / "sweep" / "results.csv").read_text().splitlines()
+    assert len(table) == 3 and "rl.gr_gamma" in table[0] and "gold_vader_mean" in table[0]
+    trial_logs = sorted((tmp_path / "out").glob("rl-*/train-rl/rl.csv"))
+    assert len(trial_logs) == 2 and all(len(_rows(p)) == 2 for p in trial_logs)
+    assert summary["chosen"]["rl.gr_gamma"] in (0.0, 0.1)

@@ -89,6 +89,20 @@ def test_a_sweep_metric_the_trainer_never_reports_fails_before_any_trial():
         check_space(load_config(None, [z, space, "sweep.bias_metric=val_spearman_length"]))
 
 
+def test_an_rl_sweep_ranks_by_rl_metrics_and_refuses_data_keys():
+    from ray_crm.tune.sweep import check_space
+
+    rl = ["sweep.stage=train-rl", "reward.gold=[{name: vader, kind: vader}]", "sweep.metric=gold_vader_mean",
+          "sweep.bias_metric=response_tokens_mean", "sweep.space={rl.gr_gamma: {grid: [0.0, 0.01]}}"]
+    check_space(load_config(None, rl))
+    with pytest.raises(ConfigError, match=r"sweep.metric='val_accuracy' is not a metric"):
+        check_space(load_config(None, [*rl, "sweep.metric=val_accuracy"]))
+    with pytest.raises(ConfigError, match=r"gr/g1_norm"):  # only GR reports the gradient norms
+        check_space(load_config(None, [*rl, "rl.regularizer=kl", "sweep.bias_metric=gr/g1_norm"]))
+    with pytest.raises(ConfigError, match=r"sweep.space.data.split.seed: train-rl reads no prepared data"):
+        check_space(load_config(None, [*rl, "sweep.space={data.split.seed: {grid: [1, 2]}}"]))
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_its_sweep_space_fits_the_schema(path):
     from ray_crm.tune.sweep import check_space
