@@ -126,6 +126,10 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
     ckpt_root.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(rl.prompts, rl.prompt_column, out / "quarantine.jsonl")
     init_ray(cfg.ray)
+    need, have = sum(b.get("CPU", 0.0) for b in trial_bundles(cfg)), ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        logger.warning("train-rl reserves %.2f CPUs (rollout, reward, gold and learner actors) and the cluster has "
+                       "%.2f: some actors will wait for more nodes (lower *.cpus_per_* on a small machine)", need, have)
     policy = str(resolve_model(rl.policy))
     dtype = ENGINE_DTYPES[cfg.rollout.dtype]
     learner = ray.remote(PolicyLearnerActor).options(
