@@ -16,6 +16,7 @@ Written to `<output_dir>/<name>/train-rl/` (or `rl.output_dir`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -139,6 +140,8 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
     if resumed is not None:
         start = ray.get(learner.load.remote(str(resumed / "learner.pt")))
     log = MetricsLog(out, "rl")
+    log.drop_after(start)  # steps after the checkpoint are taken (and logged) again
+    _drop_samples_after(out / "samples.jsonl", start)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(rl.seed)).tolist()
     with RolloutPool(policy, cfg.rollout, cfg.ray.torch_threads) as pool, \
             RewardPool(cfg.reward, cfg.ray.torch_threads) as rewards, open(out / "samples.jsonl", "a") as samples:
@@ -190,6 +193,18 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
                "metrics": str(log.path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _drop_samples_after(path: Path, step: int) -> None:
+    """Keep the sample lines of steps up to `step` (a crash may also have cut the last line short)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    path.write_text("".join(kept))
 
 
 def _checkpoint(learner, root: Path, step: int, keep: int) -> None:

@@ -22,6 +22,16 @@ class MetricsLog:
             with open(self.path) as fh:
                 self._fields = next(csv.reader(fh), None)
 
+    def drop_after(self, step: int) -> None:
+        """Forget the rows logged after `step`: a run resumed from that step's checkpoint logs them again."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        kept = rows[:1] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
+        with open(self.path, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
+
     def write(self, step: int, row: dict[str, Any]) -> None:
         row = {"step": step, **row}
         if self._fields is None:

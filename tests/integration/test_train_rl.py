@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from ray_crm.config import validate
+from ray_crm.config import dump_config, validate
 from ray_crm.rl.grpo_trainer import run_train_rl
 
 pytestmark = pytest.mark.integration
@@ -84,3 +89,46 @@ def test_a_tune_sweep_of_gr_gamma_runs_rl_trials_and_picks_one(ray_local, tmp_pa
     trial_logs = sorted((tmp_path / "out").glob("rl-*/train-rl/rl.csv"))
     assert len(trial_logs) == 2 and all(len(_rows(p)) == 2 for p in trial_logs)
     assert summary["chosen"]["rl.gr_gamma"] in (0.0, 0.1)
+
+
+def test_a_run_killed_mid_training_resumes_from_its_last_checkpoint_and_logs_each_step_once(
+        ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i love this film"]))
+    data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=7).model_dump(mode="json")
+    data["rl"]["checkpoint_every"] = 3
+    cfg = validate(data)
+    (tmp_path / "rl.yaml").write_text(dump_config(cfg))
+    out = tmp_path / "out" / "rl" / "train-rl"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the child starts its own local cluster
+    with (tmp_path / "child.log").open("w") as sink:
+        child = subprocess.Popen([sys.executable, "-m", "ray_crm.cli", "train-rl", "--config", str(tmp_path / "rl.yaml")],
+                                 env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and child.poll() is None:
+            if (out / "checkpoints" / "step_000003").is_dir() and len(_lines(out / "rl.csv")) >= 5:
+                break  # step 4 logged, its checkpoint (step 6) not yet written
+            time.sleep(0.05)
+        assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    logged = [int(r["step"]) for r in _rows(out / "rl.csv")]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000003"] and max(logged) > 3  # steps after the checkpoint were lost
+
+    summary = run_train_rl(cfg)
+    assert summary["resumed_from_step"] == 3
+    rows = _rows(out / "rl.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 8))  # each step once: the lost ones were redone
+    assert [int(float(r["policy_version"])) for r in rows] == list(range(7))
+    assert all(float(r["policy/engine_logprob_gap"]) < 1e-3 for r in rows)
+    samples = [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples == sorted(samples) and len(samples) == 7 * 2
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
