@@ -125,6 +125,10 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
     out = output_dir(cfg)
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    resumed = latest_checkpoint(ckpt_root)
+    done = json.loads((resumed / "driver.json").read_text())["step"] if resumed is not None else 0
+    if done >= rl.steps and (out / "summary.json").is_file():  # finished: nothing to train, no actor to start
+        return {**json.loads((out / "summary.json").read_text()), "resumed_from_step": done}
     prompts = load_prompts(rl.prompts, rl.prompt_column, out / "quarantine.jsonl")
     init_ray(cfg.ray)
     need, have = sum(b.get("CPU", 0.0) for b in trial_bundles(cfg)), ray.cluster_resources().get("CPU", 0.0)
@@ -136,9 +140,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
     learner = ray.remote(PolicyLearnerActor).options(
         num_cpus=rl.learner_cpus, num_gpus=1 if rl.use_gpu else 0
     ).remote(policy, cfg)
-    start, resumed = 0, latest_checkpoint(ckpt_root)
-    if resumed is not None:
-        start = ray.get(learner.load.remote(str(resumed / "learner.pt")))
+    start = 0 if resumed is None else ray.get(learner.load.remote(str(resumed / "learner.pt")))
     log = MetricsLog(out, "rl")
     log.drop_after(start)  # steps after the checkpoint are taken (and logged) again
     _drop_samples_after(out / "samples.jsonl", start)

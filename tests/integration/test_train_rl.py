@@ -72,6 +72,10 @@ def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_resume
     rows = _rows(out / "rl.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert int(float(rows[-1]["policy_version"])) == 3 and float(rows[-1]["policy/engine_logprob_gap"]) < 1e-3
+    # a finished run asked again starts nothing and reports what it has
+    finished = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=4))
+    assert finished["resumed_from_step"] == 4 and finished["policy"] == again["policy"]
+    assert len(_rows(out / "rl.csv")) == 4
 
 
 def test_a_tune_sweep_of_gr_gamma_runs_rl_trials_and_picks_one(ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir):
