@@ -196,7 +196,7 @@ class RLConfig(Section):
         default_factory=list, description="JSONL/CSV/Parquet files with a prompt column; empty: the VADER task prompts"
     )
     prompt_column: str = "prompt"
-    steps: int = Field(20, ge=1, description="rollout batches, each followed by one optimizer step and a weight sync")
+    steps: int = Field(20, ge=0, description="rollout batches, each followed by one optimizer step and a weight sync")
     prompts_per_step: int = Field(8, ge=1, description="prompts per batch; each gets rollout.n_samples completions")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass (gradients accumulate)")
     lr: float = Field(5e-6, gt=0.0, description="Adam; the paper's 5e-6 (GR) and 3e-6 (others) are for full fine-tuning")

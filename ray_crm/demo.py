@@ -1,18 +1,22 @@
 """The main job: a bias benchmark built from real text, a vanilla and a causal reward model trained on it on
 one Ray cluster, and the evaluation of both on counterfactual twins.
 
-bench -> prepare -> train-rm (Bradley-Terry) -> train-rm (the config's causal RM) -> eval. The config names
-the benchmark (`bench.names`, one) and the causal loss (`loss.type=crm`, variant, lambda).
+bench -> prepare -> train-rm (Bradley-Terry) -> train-rm (the config's causal RM) -> eval -> train-rl against
+each RM (GRPO of the `rl.policy`, prompted with the benchmark's test prompts, gold scorers from `reward.gold`), so
+what each RM teaches a policy shows beside how it scores. The config names the benchmark (`bench.names`, one) and
+the causal loss (`loss.type=crm`, variant, lambda); `rl.steps=0` skips the RL part.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from ray_crm.assets import fetch_all
 from ray_crm.config import Config, ConfigError, dump_config, validate
+from ray_crm.eval.benchmarks import benchmark_dir
 from ray_crm.runtime import init_ray
 from ray_crm.stages import run_stage
 
@@ -47,10 +51,28 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     for label, variant in (("vanilla", _with(cfg, loss={"type": "bt", "lambda_mmd": 0.0})), ("crm", cfg)):
         models[label] = _timed(results, f"train-rm/{label}", "train-rm", variant)["model"]
     _timed(results, "eval", "eval", _with(cfg, eval={"models": [f"{k}={v}" for k, v in models.items()]}))
+    if cfg.rl.steps:
+        prompts = cfg.rl.prompts or [str(benchmark_dir(cfg.bench.names[0], cfg.bench) / "test.parquet")]
+        for label, model in models.items():
+            rl_cfg = _with(cfg, reward={"model": model, "template": cfg.data.template, "max_length": cfg.model.max_length},
+                           rl={"prompts": prompts, "output_dir": str(cfg.stage_dir("train-rl") / label)})
+            _timed(results, f"train-rl/{label}", "train-rl", rl_cfg)
     (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
     results["summary"] = str(out / "summary.json")
     for label in models:
         r = results[f"train-rm/{label}"]
         print(f"{label:8s} val_accuracy={r['val_accuracy']:.3f}  val_mmd={r['val_mmd']:.4f}  "
               f"val_z_spearman={r.get('val_z_spearman', float('nan')):.3f}  model={r['model']}")
+    for label in models if cfg.rl.steps else ():
+        print(f"GRPO on {label:8s} {rl_drift(Path(results[f'train-rl/{label}']['metrics']))}")
     return results
+
+
+def rl_drift(metrics_csv: Path, k: int = 3) -> str:
+    """Mean of the first and of the last `k` steps of the RL log's reward, gold and length columns."""
+    import pandas as pd
+
+    log = pd.read_csv(metrics_csv)
+    cols = [c for c in log.columns if c in ("reward_mean", "response_tokens_mean", "finished_fraction")
+            or (c.startswith("gold_") and c.endswith("_mean"))]
+    return "  ".join(f"{c.removesuffix('_mean')} {log[c].head(k).mean():.3f} -> {log[c].tail(k).mean():.3f}" for c in cols)
