@@ -9,7 +9,7 @@ Runs `ray-crm train-rl --config configs/rl_length.yaml` once per arm, one after 
 score per step). A finished arm is not trained again (train-rl resumes it from its last checkpoint), so rerunning
 only re-reads the logs. The arms:
 - `vanilla_none`: the Bradley-Terry RM (it prefers longer answers), no regularizer;
-- `vanilla_gr`: the same RM, gradient regularization (`rl.gr_gamma`);
+- `vanilla_gr<gamma>`: the same RM, gradient regularization, one arm per `--gammas` value;
 - `vanilla_kl`: the same RM, KL to the initial policy (`rl.kl_beta`);
 - `crm_none`: the conditional causal RM (length bins), no regularizer.
 """
@@ -23,12 +23,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {
-    "vanilla_none": ("bt", ["rl.regularizer=none"]),
-    "vanilla_gr": ("bt", ["rl.regularizer=gr"]),
-    "vanilla_kl": ("bt", ["rl.regularizer=kl"]),
-    "crm_none": ("crm", ["rl.regularizer=none"]),
-}
+
+
+def arms(gammas: list[float], beta: float) -> dict[str, tuple[str, list[str]]]:
+    """Arm name -> (the demo RM it trains against, its overrides)."""
+    return {
+        "vanilla_none": ("bt", ["rl.regularizer=none"]),
+        **{f"vanilla_gr{g:g}": ("bt", ["rl.regularizer=gr", f"rl.gr_gamma={g}"]) for g in gammas},
+        "vanilla_kl": ("bt", ["rl.regularizer=kl", f"rl.kl_beta={beta}"]),
+        "crm_none": ("crm", ["rl.regularizer=none"]),
+    }
 COLUMNS = ("reward_mean", "gold_vader_mean", "response_tokens_mean", "finished_fraction")
 
 
@@ -48,7 +52,7 @@ def window(rows: list[dict[str, str]], key: str, first: bool, k: int = 3) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--gamma", type=float, default=0.1, help="rl.gr_gamma of vanilla_gr")
+    parser.add_argument("--gammas", type=float, nargs="+", default=[0.1, 10.0], help="rl.gr_gamma of the GR arms")
     parser.add_argument("--beta", type=float, default=0.05, help="rl.kl_beta of vanilla_kl")
     parser.add_argument("--prefix", default="rlh")
     args = parser.parse_args()
@@ -57,10 +61,10 @@ def main() -> None:
     from ray_crm.stages import run_stage
 
     logs = {}
-    for arm, (kind, overrides) in ARMS.items():
+    for arm, (kind, overrides) in arms(args.gammas, args.beta).items():
         cfg = load_config(ROOT / "configs" / "rl_length.yaml", [
             f"name={args.prefix}_{arm}", f"output_dir={ROOT / 'outputs'}", f"reward.model={exported(kind)}",
-            f"rl.steps={args.steps}", f"rl.gr_gamma={args.gamma}", f"rl.kl_beta={args.beta}", *overrides])
+            f"rl.steps={args.steps}", *overrides])
         print(f"== {arm}", flush=True)
         logs[arm] = Path(run_stage("train-rl", cfg)["metrics"])
 
@@ -72,7 +76,7 @@ def main() -> None:
         table[arm] = {f"{key}_{which}": window(rows, key, which == "first") for key in COLUMNS
                       for which in ("first", "last")}
     result = {"command": "python benchmarks/rl_hacking.py " + " ".join(sys.argv[1:]), "steps": args.steps,
-              "gamma": args.gamma, "beta": args.beta, "window": "mean of the first / last 3 steps", "arms": table}
+              "gammas": args.gammas, "beta": args.beta, "window": "mean of the first / last 3 steps", "arms": table}
     out = ROOT / "benchmarks" / "results" / "rl_hacking.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| arm | RM reward | gold (VADER) | response tokens | finished (EOS) |", "|---|---:|---:|---:|---:|"]
