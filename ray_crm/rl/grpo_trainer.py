@@ -128,7 +128,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
     resumed = latest_checkpoint(ckpt_root)
     done = json.loads((resumed / "driver.json").read_text())["step"] if resumed is not None else 0
     if done >= rl.steps and (out / "summary.json").is_file():  # finished: nothing to train, no actor to start
-        return {**json.loads((out / "summary.json").read_text()), "resumed_from_step": done}
+        return {**json.loads((out / "summary.json").read_text()), **_paths(out), "resumed_from_step": done}
     prompts = load_prompts(rl.prompts, rl.prompt_column, out / "quarantine.jsonl")
     init_ray(cfg.ray)
     need, have = sum(b.get("CPU", 0.0) for b in trial_bundles(cfg)), ray.cluster_resources().get("CPU", 0.0)
@@ -190,11 +190,15 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
             if (step + 1) % rl.checkpoint_every == 0 or step + 1 == rl.steps:
                 _checkpoint(learner, ckpt_root, step + 1, rl.keep_checkpoints)
     policy_dir = ray.get(learner.save_policy.remote(str(out / "policy")))
-    summary = {"output_dir": str(out), "policy": policy_dir, "steps": rl.steps,
-               "resumed_from_step": start if resumed is not None else None, "last": row,
-               "metrics": str(log.path)}
+    summary = {**_paths(out), "policy": policy_dir, "steps": rl.steps,
+               "resumed_from_step": start if resumed is not None else None, "last": row}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _paths(out: Path) -> dict[str, str]:
+    """Where a run's outputs are (recomputed on every call: a finished run's folder may have been moved)."""
+    return {"output_dir": str(out), "policy": str(out / "policy"), "metrics": str(out / "rl.csv")}
 
 
 def _drop_samples_after(path: Path, step: int) -> None:
