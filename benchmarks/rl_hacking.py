@@ -2,6 +2,7 @@
 
     make demo      # trains the two reward models this needs (outputs/demo/train-rm/*/export)
     python benchmarks/rl_hacking.py [--steps 20]
+    python benchmarks/rl_hacking.py --seed 1 --arms vanilla_none crm_none     # another seed of two arms
 
 Runs `ray-crm train-rl --config configs/rl_length.yaml` once per arm, one after another (SmolLM2-135M + LoRA,
 4 VADER prompts x 8 samples x 48 tokens a step, VADER lexicon as the gold scorer), then writes
@@ -55,16 +56,20 @@ def main() -> None:
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.1, 10.0], help="rl.gr_gamma of the GR arms")
     parser.add_argument("--beta", type=float, default=0.05, help="rl.kl_beta of vanilla_kl")
     parser.add_argument("--prefix", default="rlh")
+    parser.add_argument("--seed", type=int, default=0, help="rollout.seed and rl.seed (0: the arms' default runs)")
+    parser.add_argument("--arms", nargs="+", help="run only these arms")
     args = parser.parse_args()
+    prefix = args.prefix if args.seed == 0 else f"{args.prefix}_seed{args.seed}"
 
     from ray_crm.config import load_config
     from ray_crm.stages import run_stage
 
     logs = {}
-    for arm, (kind, overrides) in arms(args.gammas, args.beta).items():
+    chosen = {a: v for a, v in arms(args.gammas, args.beta).items() if not args.arms or a in args.arms}
+    for arm, (kind, overrides) in chosen.items():
         cfg = load_config(ROOT / "configs" / "rl_length.yaml", [
-            f"name={args.prefix}_{arm}", f"output_dir={ROOT / 'outputs'}", f"reward.model={exported(kind)}",
-            f"rl.steps={args.steps}", *overrides])
+            f"name={prefix}_{arm}", f"output_dir={ROOT / 'outputs'}", f"reward.model={exported(kind)}",
+            f"rl.steps={args.steps}", f"rollout.seed={args.seed}", f"rl.seed={args.seed}", *overrides])
         print(f"== {arm}", flush=True)
         logs[arm] = Path(run_stage("train-rl", cfg)["metrics"])
 
@@ -76,15 +81,17 @@ def main() -> None:
         table[arm] = {f"{key}_{which}": window(rows, key, which == "first") for key in COLUMNS
                       for which in ("first", "last")}
     result = {"command": "python benchmarks/rl_hacking.py " + " ".join(sys.argv[1:]), "steps": args.steps,
+              "seed": args.seed,
               "gammas": args.gammas, "beta": args.beta, "window": "mean of the first / last 3 steps", "arms": table}
-    out = ROOT / "benchmarks" / "results" / "rl_hacking.json"
+    suffix = "" if args.seed == 0 else f"_seed{args.seed}"
+    out = ROOT / "benchmarks" / "results" / f"rl_hacking{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| arm | RM reward | gold (VADER) | response tokens | finished (EOS) |", "|---|---:|---:|---:|---:|"]
     for arm, t in table.items():
         cells = [f"{t[f'{k}_first']:.3f} -> {t[f'{k}_last']:.3f}" for k in COLUMNS]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    plot(curves, ROOT / "docs" / "img" / "rl_hacking.png")
+    plot(curves, ROOT / "docs" / "img" / f"rl_hacking{suffix}.png")
 
 
 def plot(curves: dict[str, list[dict[str, str]]], path: Path) -> None:
