@@ -3,8 +3,11 @@ MMD), clean test accuracy every 100 steps - to choose steps, lr and LoRA-or-full
 
     ray-crm bench --config configs/bench_length.yaml      # the benchmark's files under outputs/bench/
     python benchmarks/probe_learnability.py --bench length --lora-rank 16 --lr 5e-4 --steps 100
+    # what is learnable at all: the same sycophancy pairs with the phrase removed from every response
+    python benchmarks/probe_learnability.py --bench sycophancy --strip "Yes, you are right." --steps 300
 
-Pairs are tokenized as text pairs (prompt, response) at max length 128, batches of 16 drawn with replacement.
+Pairs are tokenized as text pairs (prompt, response) at --max-length with --truncation, batches of 16 drawn
+with replacement.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--truncation", default="longest_first", choices=["longest_first", "only_first", "only_second"])
+    parser.add_argument("--strip", default="", help="a phrase removed from every train response (the clean ceiling)")
+    parser.add_argument("--eval-every", type=int, default=100)
     args = parser.parse_args()
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -43,10 +50,13 @@ def main() -> None:
 
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, task_type="SEQ_CLS"))
     train = pd.read_parquet(f"{args.dir}/{args.bench}/train.parquet")
+    if args.strip:
+        for side in ("chosen", "rejected"):
+            train[side] = train[side].str.replace(args.strip, "", regex=False).str.strip()
     test = pd.read_parquet(f"{args.dir}/{args.bench}/test.parquet")
 
     def score(rows: pd.DataFrame, side: str) -> torch.Tensor:
-        enc = tok(list(rows.prompt), list(rows[side]), truncation=True, max_length=128, padding=True,
+        enc = tok(list(rows.prompt), list(rows[side]), truncation=args.truncation, max_length=args.max_length, padding=True,
                   return_tensors="pt")
         return model(**enc).logits.squeeze(-1)
 
@@ -67,7 +77,7 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 100 == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == args.steps:
             print(f"{args.bench} lora_rank={args.lora_rank} lr={args.lr:g} step {step}: train loss {loss.item():.3f}, "
                   f"clean test accuracy {clean_accuracy():.3f}, {time.perf_counter() - start:.0f} s", flush=True)
 

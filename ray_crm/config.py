@@ -52,11 +52,13 @@ class ModelConfig(Section):
 
 
 class MMDConfig(Section):
-    """The penalty's kernel. Default: an RBF mixture on the reward (logit) scale. The median heuristic is scale
-    free, so on scalar rewards it keeps a large penalty gradient however small the rewards get and, measured
-    on a tiny RM, froze the BT loss at ln 2 (docs/design.md); use it on representations."""
+    """The penalty's kernel. Default: the rewards standardized over the batch (centred, divided by their spread,
+    with gradient), then an RBF mixture. Standardized, the penalty cannot be met by shrinking every reward: on
+    raw rewards a fixed bandwidth sees tiny rewards as identical (kernel 1 everywhere), and the causal RM of the
+    length benchmark shrank its reward spread 110x to meet it (docs/RESULTS.md)."""
 
     bandwidth: Literal["median"] | float | list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    standardize: bool = Field(True, description="MMD of batch-standardized values: scale-free, cannot be met by shrinking")
     unbiased: bool = False
     reduction: Literal["sum", "mean"] = "sum"
     on: Literal["reward", "representation"] = "reward"
@@ -391,6 +393,10 @@ class DataConfig(Section):
     spurious: list[SpuriousConfig] = Field(
         default_factory=lambda: [SpuriousConfig(name="length", kind="length")], min_length=1
     )
+    twins: str | None = Field(
+        None, description="counterfactual twins of the validation split, a Parquet file with prompt, response and "
+        "twin (rows sharing twin differ only in Z; `ray-crm bench` writes validation_probes.parquet): train-rm "
+        "scores them at every validation as val_ci_gap_std, the bias metric a sweep should pick lambda by")
     tokenize: bool = Field(True, description="write input ids of model.name (False: text, Z and bins only)")
     template: Literal["auto", "text_pair", "chat"] = Field(
         "auto", description="text_pair: tokenizer(prompt, response); chat: the chat template; auto: chat if it has one"

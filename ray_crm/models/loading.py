@@ -59,22 +59,29 @@ def score(model, batch: dict[str, Tensor], with_representation: bool = False) ->
     return rewards, pooled.float()
 
 
+def pad_sequences(ids: list, token_types: list | None, pad_id: int,
+                  device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Token lists (and their token type ids, if any) -> one right-padded batch."""
+    longest = max(len(s) for s in ids)
+    batch = {"input_ids": torch.full((len(ids), longest), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(ids), longest), dtype=torch.long)}
+    if token_types is not None:
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    for i, s in enumerate(ids):
+        batch["input_ids"][i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        batch["attention_mask"][i, : len(s)] = 1
+        if token_types is not None:
+            batch["token_type_ids"][i, : len(s)] = torch.as_tensor(token_types[i], dtype=torch.long)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def pad_pairs(rows: dict[str, Any], pad_id: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """Chosen then rejected token lists -> one right-padded batch of 2N sequences."""
-    seqs = list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"])
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
+    ids = list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"])
+    types = None
     if "chosen_token_type_ids" in rows:
-        types = torch.zeros_like(ids)
-        for i, s in enumerate(list(rows["chosen_token_type_ids"]) + list(rows["rejected_token_type_ids"])):
-            types[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        batch["token_type_ids"] = types
-    return {k: v.to(device) for k, v in batch.items()}
+        types = list(rows["chosen_token_type_ids"]) + list(rows["rejected_token_type_ids"])
+    return pad_sequences(ids, types, pad_id, device)
 
 
 def export_reward_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, card: dict[str, Any]) -> Path:

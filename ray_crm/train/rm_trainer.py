@@ -23,9 +23,9 @@ import torch
 
 from ray_crm.config import Config
 from ray_crm.data.sampler import StratifiedBatchSampler
-from ray_crm.eval.metrics import within_label_spearman
+from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman
 from ray_crm.losses import MMDConfig, crm_loss, gather_global
-from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
+from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, pad_sequences, score
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
 from ray_crm.train.metrics_log import MetricsLog
@@ -46,7 +46,8 @@ def run_name(cfg: Config) -> str:
 
 def mmd_settings(cfg: Config, num_bins: int) -> MMDConfig:
     m = cfg.loss.mmd
-    return MMDConfig(bandwidth=m.bandwidth, unbiased=m.unbiased, reduction=m.reduction, num_bins=num_bins)
+    return MMDConfig(bandwidth=m.bandwidth, unbiased=m.unbiased, reduction=m.reduction, num_bins=num_bins,
+                     standardize=m.standardize)
 
 
 def _materialise(shard, columns=COLUMNS) -> dict[str, np.ndarray]:
@@ -87,45 +88,91 @@ def _scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, rank: int, world: int, device,
-             batch_pairs: int = 64) -> tuple[dict[str, float], np.ndarray]:
-    """Pairwise accuracy, BT loss and the MMD penalty over the whole validation split, and every pair's
-    (chosen, rejected) rewards [N, 2] in row order; all ranks take part and get the same answer.
+def _score_all(engine, ids: list, types: list | None, rank: int, world: int, device, batch: int = 128) -> np.ndarray:
+    """The reward of every sequence, in order, on every rank.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively): short ranks
-    repeat their last pair and drop the repeats.
+    repeat their last sequence and drop the repeats.
     """
-    total = len(rows["bin_chosen"])
+    total = len(ids)
     mine = np.arange(total)[rank::world]
     per_rank = -(-total // world)
-    padded = np.concatenate([mine, np.full(per_rank - len(mine), mine[-1] if len(mine) else 0)])
+    padded = np.concatenate([mine, np.full(per_rank - len(mine), mine[-1] if len(mine) else 0)]).astype(int)
     engine.eval()
     rewards = []
-    for start in range(0, per_rank, batch_pairs):
-        part = _take(rows, padded[start : start + batch_pairs])
-        r, _ = score(engine, pad_pairs(part, engine.module.config.pad_token_id, device))
-        rewards.append(r.view(2, -1).T)
+    for start in range(0, per_rank, batch):
+        part = padded[start : start + batch]
+        inputs = pad_sequences([ids[i] for i in part], None if types is None else [types[i] for i in part],
+                               engine.module.config.pad_token_id, device)
+        rewards.append(score(engine, inputs)[0])
     engine.train()
     local = torch.cat(rewards)[: len(mine)]
     scores, index = gather_global(local, torch.as_tensor(mine, dtype=torch.long, device=device))
-    scores = scores[index.argsort()]
-    bins = {k: torch.as_tensor(rows[k], dtype=torch.long, device=device) for k in ("bin_chosen", "bin_rejected")}
-    _, metrics = crm_loss(scores[:, 0], scores[:, 1], bins["bin_chosen"], bins["bin_rejected"], 0.0,
-                          cfg.loss.variant, mmd)
+    return scores[index.argsort()].cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, rank: int, world: int, device,
+             twins: dict[str, Any] | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """Pairwise accuracy, BT loss and the MMD penalty over the whole validation split, and every pair's
+    (chosen, rejected) rewards [N, 2] in row order; with `twins` (see `encode_twins`) also their counterfactual
+    invariance gap. All ranks take part and get the same answer."""
+    total = len(rows["bin_chosen"])
+    types = None
+    if "chosen_token_type_ids" in rows:
+        types = list(rows["chosen_token_type_ids"]) + list(rows["rejected_token_type_ids"])
+    flat = _score_all(engine, list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"]), types,
+                      rank, world, device)
+    scores = np.stack([flat[:total], flat[total:]], axis=1)
+    bins = {k: torch.as_tensor(rows[k], dtype=torch.long) for k in ("bin_chosen", "bin_rejected")}
+    _, metrics = crm_loss(torch.as_tensor(scores[:, 0]), torch.as_tensor(scores[:, 1]), bins["bin_chosen"],
+                          bins["bin_rejected"], 0.0, cfg.loss.variant, mmd)
     summary = {
         "val_accuracy": float(metrics["reward/accuracy"]),
         "val_bt_loss": float(metrics["loss/preference"]),
         "val_mmd": float(metrics["mmd/penalty"]),
+        "val_reward_std": float(flat.std()),
+        "val_balanced_accuracy": balanced_accuracy(scores, rows["bin_chosen"], rows["bin_rejected"]),
         "val_pairs": total,
     }
-    scores = scores.cpu().numpy()
     summary.update(z_correlations(cfg, rows, scores))
+    if twins is not None:
+        rewards = _score_all(engine, twins["input_ids"], twins["token_type_ids"], rank, world, device)
+        gap, scale = invariance_gap(rewards, twins["twin"]), twin_scale(rewards, twins["twin"])
+        summary.update(val_ci_gap=gap, val_ci_gap_std=gap / scale if scale > 0 else float("inf"))
     return summary, scores
+
+
+def balanced_accuracy(scores: np.ndarray, bin_chosen: np.ndarray, bin_rejected: np.ndarray) -> float:
+    """Accuracy averaged over the pairs whose chosen response lies in a higher, the same or a lower bin of Z than
+    the rejected one: the split's Z shortcut earns nothing here (it wins one group and loses the other), so a
+    sweep can rank models by it on a biased validation split."""
+    side = np.sign(np.asarray(bin_chosen) - np.asarray(bin_rejected))
+    correct = scores[:, 0] > scores[:, 1]
+    return float(np.mean([correct[side == s].mean() for s in np.unique(side)]))
+
+
+def encode_twins(cfg: Config) -> dict[str, Any] | None:
+    """`data.twins` tokenized exactly as `prepare` tokenizes a response, or None."""
+    if cfg.data.twins is None:
+        return None
+    import pandas as pd
+
+    from ray_crm.assets import resolve_model
+    from ray_crm.data.encode import load_encoder
+
+    frame = pd.read_parquet(cfg.data.twins, columns=["prompt", "response", "twin"])
+    frame = frame[frame.twin.astype(str) != ""]
+    enc = load_encoder(str(resolve_model(cfg.model.name)), cfg.model.max_length, cfg.data.template)
+    encoded = enc.encode(frame.prompt.tolist(), frame.response.tolist())
+    return {"input_ids": encoded.input_ids, "token_type_ids": encoded.token_type_ids, "twin": frame.twin.to_numpy()}
 
 
 def validation_metric_names(cfg: Config) -> set[str]:
     """Every metric `evaluate` reports under `cfg`: what a sweep may rank trials by."""
-    return {"val_accuracy", "val_bt_loss", "val_mmd", "val_z_spearman", *(f"val_spearman_{z.name}" for z in cfg.data.spurious)}
+    names = {"val_accuracy", "val_balanced_accuracy", "val_bt_loss", "val_mmd", "val_reward_std", "val_z_spearman",
+             *(f"val_spearman_{z.name}" for z in cfg.data.spurious)}
+    return names | ({"val_ci_gap", "val_ci_gap_std"} if cfg.data.twins else set())
 
 
 def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, float]:
@@ -196,6 +243,7 @@ def train_loop(config: dict[str, Any]) -> None:
     train_rows = _materialise(ray.train.get_dataset_shard("train"))
     z_columns = tuple(f"z_{z.name}_{side}" for z in cfg.data.spurious for side in ("chosen", "rejected"))
     val_rows = _materialise(ray.train.get_dataset_shard("validation"), COLUMNS + z_columns)
+    twins = encode_twins(cfg)
     mmd = mmd_settings(cfg, config["num_bins"])
     micro = micro_batch_size(cfg.train, world)
     sampler = StratifiedBatchSampler(train_rows["stratum"], batch_size=micro * world, seed=cfg.train.seed)
@@ -218,7 +266,7 @@ def train_loop(config: dict[str, Any]) -> None:
     tick, pairs = time.perf_counter(), 0
 
     def report(reason: str) -> None:
-        summary, scores = evaluate(cfg, engine, val_rows, mmd, rank, world, device)
+        summary, scores = evaluate(cfg, engine, val_rows, mmd, rank, world, device, twins)
         metrics = {**summary, **state, "epoch_end": reason == "epoch"}
         if eval_log is not None:
             eval_log.write(state["step"], metrics)

@@ -240,6 +240,8 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     # trials get their own names and working directories: pin every path to what the driver resolved
     base["output_dir"] = str(Path(cfg.output_dir).resolve())
     base["data"]["output_dir"] = str(cfg.prepared_dir())
+    if cfg.data.twins:
+        base["data"]["twins"] = str(Path(cfg.data.twins).resolve())
     variants = prepare_variants(cfg, base, out / "data") if cfg.sweep.stage == "train-rm" else {}
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, variants=variants, data_keys=_data_keys(cfg)),

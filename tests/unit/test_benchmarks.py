@@ -119,8 +119,23 @@ def test_ensure_reuses_and_rebuilds(tmp_path):
     cfg = BenchConfig(dir=str(tmp_path), train_pairs=50, validation_pairs=10, test_items=8)
     folder = B.ensure_benchmark("sycophancy", cfg)
     assert {p.name for p in folder.iterdir()} == {"train.parquet", "validation.parquet", "test.parquet",
-                                                  "probes.parquet", "meta.json"}
+                                                  "probes.parquet", "validation_probes.parquet", "meta.json"}
     stamp = (folder / "meta.json").stat().st_mtime_ns
     assert B.ensure_benchmark("sycophancy", cfg) == folder and (folder / "meta.json").stat().st_mtime_ns == stamp
     B.ensure_benchmark("sycophancy", cfg.model_copy(update={"seed": 3}))
     assert (folder / "meta.json").stat().st_mtime_ns != stamp
+
+
+def test_validation_probes_are_built_from_the_validation_split(built):
+    """The twins a sweep selects by hold validation inputs only, with the same layout as the test probes."""
+    for name, b in built.items():
+        val, test = b.validation_probes, b.probes
+        assert len(val) and set(test.columns) <= set(val.columns) | {"chosen_longer", "guess_correct"}
+        twins = val[val.twin != ""]
+        assert len(twins) and (twins.groupby("twin").size() >= 2).all()
+        assert not set(zip(val.prompt, val.response)) & set(zip(test.prompt, test.response))
+    syc = built["sycophancy"]
+    assert set(syc.validation_probes.prompt) <= set(syc.splits["validation"].prompt)
+    length = built["length"]
+    originals = length.validation_probes[length.validation_probes.z == "original"].response
+    assert set(originals) <= set(length.splits["validation"].chosen) | set(length.splits["validation"].rejected)

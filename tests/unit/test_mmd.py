@@ -251,3 +251,51 @@ def test_gradients_reach_the_rewards(batch, cfg):
     penalty.backward()
     assert torch.isfinite(values.grad).all() and values.grad.abs().sum() > 0
     assert torch.equal(values.grad[bins < 0], torch.zeros(int((bins < 0).sum()), dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- standardized: a penalty shrinking cannot meet
+
+
+def _shifted_bins(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    bins = torch.arange(n) % 4
+    return torch.randn(n, generator=g, dtype=torch.float64) + 0.5 * bins, bins
+
+
+@pytest.mark.parametrize("bandwidth", KERNELS)
+def test_standardized_penalty_ignores_the_reward_scale(bandwidth):
+    x, bins = _shifted_bins()
+    cfg = MMDConfig(bandwidth=bandwidth, standardize=True)
+    base = binned_mmd_penalty(x, bins, cfg)[0]
+    for scale, shift in ((1e-3, 0.0), (0.05, 3.0), (40.0, -2.0)):
+        assert torch.allclose(binned_mmd_penalty(scale * x + shift, bins, cfg)[0], base, rtol=1e-9)
+    raw = MMDConfig(bandwidth=(0.5, 1.0, 2.0))  # the raw penalty is won by shrinking: the failure this fixes
+    assert binned_mmd_penalty(1e-3 * x, bins, raw)[0] < 1e-4 * binned_mmd_penalty(x, bins, raw)[0]
+
+
+def test_standardized_gradient_has_no_shrinking_or_shifting_part():
+    """Scale and offset invariance: the gradient is orthogonal to (x - mean) and to the all-ones direction."""
+    x, bins = _shifted_bins()
+    x.requires_grad_(True)
+    binned_mmd_penalty(x, bins, MMDConfig(bandwidth=(0.5, 1.0, 2.0), standardize=True))[0].backward()
+    g, centred = x.grad, (x - x.mean()).detach()
+    assert g.norm() > 1e-3
+    assert abs(float(g @ centred)) < 1e-9 * float(g.norm() * centred.norm())
+    assert abs(float(g.sum())) < 1e-9 * float(g.norm())
+
+
+def test_standardized_equals_the_raw_penalty_of_standardized_values():
+    x, bins = _shifted_bins(seed=1)
+    bins = torch.where(torch.arange(len(bins)) % 7 == 0, -1, bins)  # unknown Z: left out of the statistics too
+    valid = bins >= 0
+    z = (x - x[valid].mean()) / x[valid].std(unbiased=False)
+    cfg = MMDConfig(bandwidth=(0.5, 1.0, 2.0))
+    got = binned_mmd_penalty(x, bins, MMDConfig(bandwidth=(0.5, 1.0, 2.0), standardize=True))[0]
+    assert torch.allclose(got, binned_mmd_penalty(z, bins, cfg)[0], rtol=1e-9)
+
+
+def test_standardized_all_equal_values_stay_finite():
+    x = torch.full((8,), 0.3, requires_grad=True)
+    penalty = binned_mmd_penalty(x, torch.arange(8) % 2, MMDConfig(bandwidth=1.0, standardize=True))[0]
+    penalty.backward()
+    assert torch.isfinite(penalty) and torch.isfinite(x.grad).all()
