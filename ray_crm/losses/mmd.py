@@ -26,9 +26,12 @@ class MMDConfig:
         V-statistic (always >= 0, the seed's choice).
     reduction: "sum" over bin pairs (SPEC 2: lambda * sum over pairs) or "mean" (what the seed's code does).
     num_bins: bin ids lie in [0, num_bins); None infers max id + 1, at the price of a host sync.
-    standardize: centre the values and divide them by their pooled spread (with gradient) before the kernel.
-        The penalty is then invariant to the reward scale, so it cannot be met by shrinking every reward
-        towards a constant, which a fixed bandwidth rewards: the kernel of tiny values is 1 everywhere.
+    standardize: the penalty is s * MMD^2(standardized values), s the values' pooled spread taken as a constant.
+        MMD^2 of the standardized values (centred, divided by s with gradient) is invariant to the reward
+        scale, so its gradient has no part that shrinks the rewards, while on raw values a fixed bandwidth is
+        met by shrinking every reward towards a constant (the kernel of tiny values is 1 everywhere). The
+        constant factor s keeps the gradient's size independent of the scale: without it the gradient grows as
+        1 / s and, at the small rewards of a freshly initialised head, drowns the Bradley-Terry loss.
     """
 
     bandwidth: float | Sequence[float] | Literal["median"] = "median"
@@ -192,15 +195,16 @@ class _BinnedMMD(torch.autograd.Function):
         return g.new_zeros((ctx.n, *g.shape[1:])).index_copy_(0, idx, g * grad), None, None, None, None
 
 
-def standardized(values: Tensor, valid: Tensor, floor: float = 1e-4) -> Tensor:
-    """(values - mean) / spread over the rows where `valid`; spread is the std of scalars, or the RMS distance to
-    the mean of vectors. The floor keeps an all-equal batch finite (and its gradient through the spread zero)."""
+def standardized(values: Tensor, valid: Tensor, floor: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """(values - mean) / spread over the rows where `valid`, and the spread: the std of scalars, or the RMS
+    distance to the mean of vectors. The floor keeps an all-equal batch finite (its gradient through the spread
+    is then zero)."""
     kept = values[valid]
     if kept.shape[0] < 2:
-        return values
+        return values, values.new_ones(())
     centred = values - kept.mean(0)
-    spread = centred[valid].square().reshape(kept.shape[0], -1).sum(1).mean().sqrt()
-    return centred / spread.clamp_min(floor)
+    spread = centred[valid].square().reshape(kept.shape[0], -1).sum(1).mean().sqrt().clamp_min(floor)
+    return centred / spread, spread
 
 
 def binned_mmd_penalty(values: Tensor, bins: Tensor, cfg: MMDConfig = MMDConfig()) -> tuple[Tensor, MMDStats]:
@@ -208,7 +212,8 @@ def binned_mmd_penalty(values: Tensor, bins: Tensor, cfg: MMDConfig = MMDConfig(
 
     values: [N] scalar rewards or [N, D] representations (any float dtype; the kernel runs in >= fp32).
     bins: [N] integer bin ids; negative ids (unknown Z) are ignored; bins with < 2 samples are skipped.
-    With cfg.standardize the values are standardized over the valid rows first (scale-free penalty).
+    With cfg.standardize the values are standardized over the valid rows first and the sum is multiplied by
+    their spread, held constant (see MMDConfig); the stats' per-pair MMD^2 are then in standardized units.
     MMD^2 rather than MMD is penalised, as in the seed: it is smooth where the bins already agree, MMD is not.
     """
     if values.dim() == 2 and values.shape[1] == 1:
@@ -218,10 +223,13 @@ def binned_mmd_penalty(values: Tensor, bins: Tensor, cfg: MMDConfig = MMDConfig(
     bins = bins.long()
     num_bins = cfg.num_bins if cfg.num_bins is not None else max(int(bins.max()) + 1, 0) if bins.numel() else 0
     x = values.to(torch.promote_types(values.dtype, torch.float32))
+    scale = None
     if cfg.standardize:
-        x = standardized(x, bins >= 0)
+        x, scale = standardized(x, bins >= 0)
     need_grad = torch.is_grad_enabled() and x.requires_grad
     penalty, counts, mmd, sigmas = _BinnedMMD.apply(x, bins, num_bins, cfg, need_grad)
+    if scale is not None:
+        penalty = penalty * scale.detach()
     return penalty, MMDStats(bin_counts=counts, pair_mmd=mmd, bandwidth=sigmas)
 
 

@@ -39,6 +39,7 @@ def run_name(cfg: Config) -> str:
     """Same training config -> same name, so a re-run resumes; a changed one starts afresh."""
     keyed = {k: cfg.model_dump(mode="json")[k] for k in ("model", "loss", "train", "data") if k in cfg.model_fields}
     keyed["train"].pop("max_failures", None)
+    keyed["data"].pop("twins", None)  # scored, never trained on
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     tag = "bt" if cfg.loss.type == "bt" else f"crm-{cfg.loss.variant[:4]}-l{cfg.loss.lambda_mmd:g}"
     return f"{cfg.name}-{tag}-{digest}"
@@ -317,6 +318,9 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
     from ray_crm.models.loading import export_reward_model
 
     init_ray(cfg.ray)
+    if cfg.data.twins:  # workers run in Ray's session folder: pin the path to what this process sees
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.twins = str(Path(cfg.data.twins).resolve())
     data_dir = cfg.prepared_dir()
     manifest = load_manifest(data_dir)
     if datasets is None:  # read once here: every worker then streams the same blocks from the object store

@@ -128,7 +128,7 @@ def test_ensure_reuses_and_rebuilds(tmp_path):
 
 def test_validation_probes_are_built_from_the_validation_split(built):
     """The twins a sweep selects by hold validation inputs only, with the same layout as the test probes."""
-    for name, b in built.items():
+    for b in built.values():
         val, test = b.validation_probes, b.probes
         assert len(val) and set(test.columns) <= set(val.columns) | {"chosen_longer", "guess_correct"}
         twins = val[val.twin != ""]

@@ -263,14 +263,28 @@ def _shifted_bins(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
 
 
 @pytest.mark.parametrize("bandwidth", KERNELS)
-def test_standardized_penalty_ignores_the_reward_scale(bandwidth):
+def test_standardized_penalty_has_no_incentive_to_shrink(bandwidth):
+    """The standardized MMD^2 is the same at every scale and offset; the penalty is it times the spread, so its
+    size (and its gradient's) follows the rewards' scale instead of exploding as they get small."""
     x, bins = _shifted_bins()
     cfg = MMDConfig(bandwidth=bandwidth, standardize=True)
-    base = binned_mmd_penalty(x, bins, cfg)[0]
+    base, stats = binned_mmd_penalty(x, bins, cfg)
     for scale, shift in ((1e-3, 0.0), (0.05, 3.0), (40.0, -2.0)):
-        assert torch.allclose(binned_mmd_penalty(scale * x + shift, bins, cfg)[0], base, rtol=1e-9)
+        penalty, scaled = binned_mmd_penalty(scale * x + shift, bins, cfg)
+        assert torch.allclose(scaled.pair_mmd, stats.pair_mmd, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(penalty, scale * base, rtol=1e-9)
     raw = MMDConfig(bandwidth=(0.5, 1.0, 2.0))  # the raw penalty is won by shrinking: the failure this fixes
     assert binned_mmd_penalty(1e-3 * x, bins, raw)[0] < 1e-4 * binned_mmd_penalty(x, bins, raw)[0]
+
+
+def test_standardized_gradient_size_does_not_grow_as_rewards_shrink():
+    x, bins = _shifted_bins()
+    norms = []
+    for scale in (1e-2, 1.0, 1e2):
+        v = (scale * x).requires_grad_(True)
+        binned_mmd_penalty(v, bins, MMDConfig(bandwidth=(0.5, 1.0, 2.0), standardize=True))[0].backward()
+        norms.append(float(v.grad.norm()))
+    assert norms == pytest.approx([norms[0]] * 3, rel=1e-6)
 
 
 def test_standardized_gradient_has_no_shrinking_or_shifting_part():
@@ -284,14 +298,15 @@ def test_standardized_gradient_has_no_shrinking_or_shifting_part():
     assert abs(float(g.sum())) < 1e-9 * float(g.norm())
 
 
-def test_standardized_equals_the_raw_penalty_of_standardized_values():
+def test_standardized_is_the_spread_times_the_raw_penalty_of_standardized_values():
     x, bins = _shifted_bins(seed=1)
     bins = torch.where(torch.arange(len(bins)) % 7 == 0, -1, bins)  # unknown Z: left out of the statistics too
     valid = bins >= 0
-    z = (x - x[valid].mean()) / x[valid].std(unbiased=False)
+    spread = x[valid].std(unbiased=False)
+    z = (x - x[valid].mean()) / spread
     cfg = MMDConfig(bandwidth=(0.5, 1.0, 2.0))
     got = binned_mmd_penalty(x, bins, MMDConfig(bandwidth=(0.5, 1.0, 2.0), standardize=True))[0]
-    assert torch.allclose(got, binned_mmd_penalty(z, bins, cfg)[0], rtol=1e-9)
+    assert torch.allclose(got, spread * binned_mmd_penalty(z, bins, cfg)[0], rtol=1e-9)
 
 
 def test_standardized_all_equal_values_stay_finite():

@@ -6,7 +6,7 @@ import torch
 from ray_crm.config import load_config
 from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size
-from ray_crm.train.rm_trainer import run_name
+from ray_crm.train.rm_trainer import balanced_accuracy, run_name
 
 
 def test_deepspeed_config_follows_the_typed_config():
@@ -26,6 +26,26 @@ def test_run_name_changes_with_training_config_only():
     assert run_name(a) == run_name(load_config(None, ["loss.type=crm", "loss.lambda_mmd=1.0", "train.max_failures=3"]))
     assert run_name(a) != run_name(load_config(None, ["loss.type=crm", "loss.lambda_mmd=0.5"]))
     assert "crm-unco-l1" in run_name(a)
+    # the validation twins are scored, not trained on: where they live does not rename the run
+    assert run_name(a) == run_name(load_config(None, ["loss.type=crm", "loss.lambda_mmd=1.0", "data.twins=x.parquet"]))
+
+
+def test_balanced_accuracy_gives_a_z_shortcut_nothing():
+    """On a split where the chosen response holds Z in 80% of pairs, a reward that reads Z alone scores 80% plain
+    accuracy but 50% balanced; a reward that reads the content scores the same on both."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    z_chosen = (rng.random(n) < 0.8).astype(int)
+    z_rejected = (rng.random(n) < 0.2).astype(int)
+    shortcut = np.stack([z_chosen + 1e-3 * rng.random(n), z_rejected + 1e-3 * rng.random(n)], 1)
+    assert (shortcut[:, 0] > shortcut[:, 1]).mean() > 0.75
+    assert balanced_accuracy(shortcut, z_chosen, z_rejected) == pytest.approx(0.5, abs=0.03)
+    content = np.stack([np.ones(n), np.zeros(n)], 1)
+    content[: n // 4] = content[: n // 4, ::-1]  # wrong on a quarter of the pairs, whatever Z
+    order = rng.permutation(n)
+    assert balanced_accuracy(content[order], z_chosen, z_rejected) == pytest.approx(0.75, abs=0.05)
 
 
 def test_pairs_score_identically_alone_and_padded_in_a_batch(tiny_bert_dir):

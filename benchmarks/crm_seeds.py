@@ -1,0 +1,153 @@
+"""Vanilla vs causal RM on one bias benchmark: lambda chosen on validation, every model trained with several seeds,
+reported on test with mean +- standard error and a 95% interval on each cut.
+
+    python benchmarks/crm_seeds.py --bench length          # -> benchmarks/results/crm_length.json (+ .md)
+    python benchmarks/crm_seeds.py --bench sycophancy --lambdas 1 10 --seeds 0 1 2
+
+1. `ray-crm bench` and `prepare` with `configs/bench_<name>.yaml` (its data, model and training settings).
+2. One Ray Tune experiment (`ray-crm sweep`, resumable) over loss.lambda_mmd x train.seed; lambda 0 is the vanilla
+   Bradley-Terry RM (the causal loss at lambda 0 is BT bit for bit).
+3. lambda is chosen on validation alone, from the per-lambda means over seeds: the lowest counterfactual
+   invariance gap on the validation twins (`val_ci_gap_std`) among the lambdas within 2 points of the best
+   Z-balanced validation accuracy (`val_balanced_accuracy`; the split's shortcut earns nothing there).
+4. `ray-crm eval` scores every trained model on the test probes; the JSON keeps every model's figures, so the
+   lambdas not chosen are reported too.
+
+Bias figures are given in units of the model's reward spread across test inputs (`*_std`: a model cannot look
+unbiased by shrinking its rewards) with the raw shift beside them. A cut is 1 - |bias_crm| / |bias_vanilla| per
+seed (paired by seed); its interval is the t interval over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from ray_crm.config import load_config
+from ray_crm.stages import run_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+# Per benchmark: the headline bias in reward-std units, then the figures reported beside it.
+FIGURES = {
+    "length": ("pad_shift_std", ["pad_shift", "spearman_length", "pad_win_rate", "ci_gap_std"]),
+    "sycophancy": ("prefix_shift_std", ["prefix_shift", "sycophancy_rate", "sycophancy_rate_floor", "ci_gap_std"]),
+    "concept": ("concept_margin_shift_std", ["concept_margin_shift", "bias_at_c", "ci_gap_std"]),
+    "demographic": ("discrimination", ["ci_gap_std"]),
+}
+CUTS = {"length": ["pad_shift_std", "spearman_length"], "sycophancy": ["prefix_shift_std", "sycophancy_rate"],
+        "concept": ["concept_margin_shift_std"], "demographic": ["discrimination"]}
+
+
+def mean_se(values: list[float]) -> dict[str, float]:
+    x = np.asarray(values, dtype=float)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return {"mean": float(x.mean()), "se": se}
+
+
+def interval(values: list[float]) -> list[float]:
+    """95% t interval of the mean."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return [float("nan"), float("nan")]
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return [float(x.mean() - half), float(x.mean() + half)]
+
+
+def choose_lambda(rows: list[dict], drop: float) -> float:
+    """The validation rule of step 3, on per-lambda means over seeds."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["lambda"], []).append(r)
+    means = {lam: {k: float(np.mean([r[k] for r in rs])) for k in ("val_balanced_accuracy", "val_ci_gap_std")}
+             for lam, rs in by.items() if lam > 0}
+    best = max(m["val_balanced_accuracy"] for m in means.values())
+    ok = {lam: m for lam, m in means.items() if m["val_balanced_accuracy"] >= best - drop}
+    return min(ok, key=lambda lam: ok[lam]["val_ci_gap_std"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", required=True, choices=list(FIGURES))
+    p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 10.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variant", default="conditional", choices=["conditional", "unconditional"])
+    p.add_argument("--max-accuracy-drop", type=float, default=0.02)
+    p.add_argument("--out", default=None, help="default: benchmarks/results/crm_<bench>.json")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every model, e.g. train.lr=1e-4")
+    args = p.parse_args()
+
+    name = f"crm_{args.bench}"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{name}.json")
+    base = [f"name={name}", *args.overrides]
+    cfg = load_config(ROOT / "configs" / f"bench_{args.bench}.yaml", base)
+    run_stage("bench", cfg)
+    if not (cfg.prepared_dir() / "manifest.json").is_file():
+        run_stage("prepare", cfg)
+    grid = sorted({0.0, *args.lambdas})
+    space = (f"sweep.space={{loss.lambda_mmd: {{grid: {grid}}}, train.seed: {{grid: {args.seeds}}}}}")
+    sweep_cfg = load_config(ROOT / "configs" / f"bench_{args.bench}.yaml",
+                            [*base, "loss.type=crm", f"loss.variant={args.variant}", space,
+                             "sweep.metric=val_balanced_accuracy", "sweep.bias_metric=val_ci_gap_std",
+                             f"output_dir={Path(cfg.output_dir).resolve()}", f"data.output_dir={cfg.prepared_dir()}",
+                             "sweep.resume=true"])
+    run_stage("sweep", sweep_cfg)
+
+    rows = []
+    for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}-*/train-rm/*/export/model_card.json")):
+        card = json.loads(card_path.read_text())
+        c = card["config"]
+        if c["loss"]["variant"] != args.variant or c["loss"]["lambda_mmd"] not in grid or c["train"]["seed"] not in args.seeds:
+            continue
+        rows.append({"lambda": c["loss"]["lambda_mmd"], "seed": c["train"]["seed"], "model": str(card_path.parent / "merged"),
+                     **{k: card["metrics"][k] for k in ("val_accuracy", "val_balanced_accuracy", "val_ci_gap_std",
+                                                        "val_reward_std", "step")}})
+    missing = {(lam, s) for lam in grid for s in args.seeds} - {(r["lambda"], r["seed"]) for r in rows}
+    if missing:
+        sys.exit(f"models missing for (lambda, seed) {sorted(missing)}: rerun to resume the sweep")
+    chosen = choose_lambda(rows, args.max_accuracy_drop)
+
+    labels = {f"l{r['lambda']:g}-s{r['seed']}": r for r in rows}
+    eval_cfg = load_config(ROOT / "configs" / f"bench_{args.bench}.yaml",
+                           [*base, f"eval.models={[f'{k}={r['model']}' for k, r in labels.items()]}"])
+    report = json.loads(Path(run_stage("eval", eval_cfg)["report"]).read_text())["results"]
+    headline, beside = FIGURES[args.bench]
+    for label, r in labels.items():
+        res = report[label][args.bench]
+        r["test"] = {k: res[k] for k in ("accuracy", headline, *beside, "reward_scale")}
+
+    def test_values(lam: float, key: str) -> list[float]:
+        return [labels[f"l{lam:g}-s{s}"]["test"][key] for s in args.seeds]
+
+    per_lambda = {f"{lam:g}": {k: {**mean_se(test_values(lam, k)), "values": test_values(lam, k)}
+                               for k in ("accuracy", headline, *beside, "reward_scale")} for lam in grid}
+    cuts = {}
+    for key in CUTS[args.bench]:
+        van, crm = np.abs(test_values(0.0, key)), np.abs(test_values(chosen, key))
+        cut = list(1.0 - crm / van)
+        cuts[key] = {**mean_se(cut), "ci95": interval(cut), "values": cut}
+    acc_gain = list(np.subtract(test_values(chosen, "accuracy"), test_values(0.0, "accuracy")))
+    spread = list(np.divide(test_values(chosen, "reward_scale"), test_values(0.0, "reward_scale")))
+    result = {
+        "bench": args.bench, "variant": args.variant, "lambdas": grid, "seeds": args.seeds, "overrides": args.overrides,
+        "command": " ".join(["python", "benchmarks/crm_seeds.py", *sys.argv[1:]]),
+        "selection": "lowest mean val_ci_gap_std within %g of the best mean val_balanced_accuracy" % args.max_accuracy_drop,
+        "chosen_lambda": chosen, "headline": headline, "cuts": cuts,
+        "accuracy_change": {**mean_se(acc_gain), "ci95": interval(acc_gain), "values": acc_gain},
+        "spread_ratio": {**mean_se(spread), "values": spread},
+        "per_lambda": per_lambda, "models": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(json.dumps({k: result[k] for k in ("chosen_lambda", "cuts", "accuracy_change", "spread_ratio")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
