@@ -84,17 +84,19 @@ def main() -> None:
 
     name = f"crm_{args.bench}"
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{name}.json")
-    base = [f"name={name}", *args.overrides]
-    cfg = load_config(ROOT / "configs" / f"bench_{args.bench}.yaml", base)
+    config = ROOT / "configs" / f"bench_{args.bench}.yaml"
+    prepared = load_config(config).prepared_dir()  # shared with `ray-crm prepare --config` of the benchmark
+    base = [f"name={name}", f"data.output_dir={prepared}", *args.overrides]
+    cfg = load_config(config, base)
     run_stage("bench", cfg)
-    if not (cfg.prepared_dir() / "manifest.json").is_file():
+    if not (prepared / "manifest.json").is_file():
         run_stage("prepare", cfg)
     grid = sorted({0.0, *args.lambdas})
     space = (f"sweep.space={{loss.lambda_mmd: {{grid: {grid}}}, train.seed: {{grid: {args.seeds}}}}}")
-    sweep_cfg = load_config(ROOT / "configs" / f"bench_{args.bench}.yaml",
+    sweep_cfg = load_config(config,
                             [*base, "loss.type=crm", f"loss.variant={args.variant}", space,
                              "sweep.metric=val_balanced_accuracy", "sweep.bias_metric=val_ci_gap_std",
-                             f"output_dir={Path(cfg.output_dir).resolve()}", f"data.output_dir={cfg.prepared_dir()}",
+                             f"output_dir={Path(cfg.output_dir).resolve()}",
                              "sweep.resume=true"])
     run_stage("sweep", sweep_cfg)
 
@@ -113,8 +115,8 @@ def main() -> None:
     chosen = choose_lambda(rows, args.max_accuracy_drop)
 
     labels = {f"l{r['lambda']:g}-s{r['seed']}": r for r in rows}
-    eval_cfg = load_config(ROOT / "configs" / f"bench_{args.bench}.yaml",
-                           [*base, f"eval.models={[f'{k}={r['model']}' for k, r in labels.items()]}"])
+    models = [f"{label}={r['model']}" for label, r in labels.items()]
+    eval_cfg = load_config(config, [*base, f"eval.models={json.dumps(models)}"])
     report = json.loads(Path(run_stage("eval", eval_cfg)["report"]).read_text())["results"]
     headline, beside = FIGURES[args.bench]
     for label, r in labels.items():
@@ -136,7 +138,7 @@ def main() -> None:
     result = {
         "bench": args.bench, "variant": args.variant, "lambdas": grid, "seeds": args.seeds, "overrides": args.overrides,
         "command": " ".join(["python", "benchmarks/crm_seeds.py", *sys.argv[1:]]),
-        "selection": "lowest mean val_ci_gap_std within %g of the best mean val_balanced_accuracy" % args.max_accuracy_drop,
+        "selection": f"lowest mean val_ci_gap_std within {args.max_accuracy_drop:g} of the best mean val_balanced_accuracy",
         "chosen_lambda": chosen, "headline": headline, "cuts": cuts,
         "accuracy_change": {**mean_se(acc_gain), "ci95": interval(acc_gain), "values": acc_gain},
         "spread_ratio": {**mean_se(spread), "values": spread},
