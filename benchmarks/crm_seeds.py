@@ -2,7 +2,7 @@
 reported on test with mean +- standard error and a 95% interval on each cut.
 
     python benchmarks/crm_seeds.py --bench length          # -> benchmarks/results/crm_length.json (+ .md)
-    python benchmarks/crm_seeds.py --bench sycophancy --lambdas 1 10 --seeds 0 1 2
+    python benchmarks/crm_seeds.py --bench sycophancy --lambdas 10 100 --seeds 0 1 2 --set train.lr=5e-4
 
 1. `ray-crm bench` and `prepare` with `configs/bench_<name>.yaml` (its data, model and training settings).
 2. One Ray Tune experiment (`ray-crm sweep`, resumable) over loss.lambda_mmd x train.seed; lambda 0 is the vanilla
@@ -79,7 +79,8 @@ def main() -> None:
     p.add_argument("--variant", default="conditional", choices=["conditional", "unconditional"])
     p.add_argument("--max-accuracy-drop", type=float, default=0.02)
     p.add_argument("--out", default=None, help="default: benchmarks/results/crm_<bench>.json")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides for every model, e.g. train.lr=1e-4")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dotted config override for every model, e.g. --set train.lr=1e-4 (repeatable)")
     args = p.parse_args()
 
     name = f"crm_{args.bench}"

@@ -10,10 +10,13 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from ray_crm.train.metric_names import validation_metric_names
 
 
 class ConfigError(ValueError):
@@ -21,16 +24,17 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every section: no unknown keys, no silent type coercion."""
+    """Base of every section: no unknown keys, no silent type coercion, no NaN or infinite floats (YAML's
+    .nan/.inf would otherwise pass every bound check and fail, if at all, deep inside a run)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class RayConfig(Section):
     """Where the work runs. `address=None` starts a local Ray cluster on this machine."""
 
     address: str | None = None
-    num_cpus: int | None = None
+    num_cpus: int | None = Field(None, ge=1)
     torch_threads: int = Field(1, ge=1, description="torch threads in every Ray worker and actor")
 
 
@@ -51,13 +55,20 @@ class ModelConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
-class MMDConfig(Section):
-    """The penalty's kernel. Default: the rewards standardized over the batch (centred, divided by their spread,
-    with gradient), then an RBF mixture. Standardized, the penalty cannot be met by shrinking every reward: on
-    raw rewards a fixed bandwidth sees tiny rewards as identical (kernel 1 everywhere), and the causal RM of the
-    length benchmark shrank its reward spread 110x to meet it (docs/RESULTS.md)."""
+_Positive = Annotated[float, Field(gt=0.0)]
 
-    bandwidth: Literal["median"] | float | list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+
+class MMDConfig(Section):
+    """The penalty's kernel. Default: an RBF mixture on the rewards standardized over the batch (centred, divided
+    by their spread with gradient), times that spread held constant. Standardized, the penalty cannot be met by
+    shrinking every reward: on raw rewards a fixed bandwidth sees tiny rewards as identical (kernel 1
+    everywhere), and the causal RM of the length benchmark shrank its reward spread 110x to meet it. The constant
+    spread factor keeps the gradient from growing as 1 / spread, which froze the BT loss at ln 2 on the small
+    rewards of a fresh head."""
+
+    bandwidth: Literal["median"] | _Positive | Annotated[list[_Positive], Field(min_length=1)] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 4.0]
+    )
     standardize: bool = Field(True, description="MMD of batch-standardized values: scale-free, cannot be met by shrinking")
     unbiased: bool = False
     reduction: Literal["sum", "mean"] = "sum"
@@ -86,13 +97,13 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     epochs: int = Field(1, ge=1)
-    max_steps: int = Field(-1, description="stop after this many optimizer steps; -1: run all epochs")
+    max_steps: int = Field(-1, ge=-1, description="stop after this many optimizer steps; -1 (or 0): run all epochs")
     eval_every: int = Field(0, ge=0, description="validate every N steps as well as each epoch; 0: epochs only")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps as well as each epoch")
     keep_checkpoints: int = Field(2, ge=1)
     checkpoint_metric: str = "val_accuracy"
     max_failures: int = Field(1, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # every seed is >= 0: numpy's generators refuse negative ones
 
 
 class RolloutConfig(Section):
@@ -132,7 +143,7 @@ class RolloutConfig(Section):
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(
         "processed_logprobs", description="per-token logprobs after (processed) or before temperature/top-p"
     )
-    seed: int | None = Field(0, description="per-request seeds derived from it; None: unseeded sampling")
+    seed: int | None = Field(0, ge=0, description="per-request seeds derived from it; None: unseeded sampling")
     start_timeout_s: float = Field(600.0, gt=0.0, description="engine start-up, also after a restart")
     generate_timeout_s: float = Field(900.0, gt=0.0, description="one engine's share of a generate call")
     sync_timeout_s: float = Field(120.0, gt=0.0, description="one engine's weight reload")
@@ -213,7 +224,7 @@ class RLConfig(Section):
     reset_every: int = Field(200, ge=1, description="reset: steps between copies of the policy into the reference")
     checkpoint_every: int = Field(5, ge=1, description="learner + driver state every N steps; a rerun resumes")
     keep_checkpoints: int = Field(2, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     output_dir: str | None = Field(None, description="None: <output_dir>/<name>/train-rl")
 
 
@@ -273,7 +284,9 @@ class SpuriousConfig(Section):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="used in column names: z_<name>_chosen")
     kind: Literal["length", "sycophancy", "concept", "demographic", "column", "function"]
     on: Literal["response", "prompt", "prompt_response"] = Field("response", description="the text Z is measured on")
-    bins: int = Field(10, ge=1, description="quantile bins of a continuous Z (a discrete Z has one per category)")
+    bins: int = Field(
+        10, ge=2, description="quantile bins of a continuous Z (a discrete Z has one per category); one bin: no MMD"
+    )
     unit: Literal["tokens", "words", "chars"] = Field("tokens", description="length: tokens of model.name")
     phrases: list[str] = Field(default_factory=lambda: ["Yes, you are right."], description="sycophancy: substrings")
     regex: str | None = Field(None, description="sycophancy: a pattern searched besides the phrases")
@@ -345,7 +358,7 @@ class SplitConfig(Section):
     validation: float = Field(0.05, ge=0.0, lt=1.0)
     test: float = Field(0.05, ge=0.0, lt=1.0)
     by: Literal["prompt", "pair"] = Field("prompt", description="prompt: a prompt never spans two splits")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _leaves_train(self) -> SplitConfig:
@@ -369,7 +382,7 @@ class VaderConfig(Section):
     length_bias: float | None = Field(
         None, ge=0.0, le=1.0, description="share of pairs whose chosen is the longer; None: as drawn (no bias)"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 # Columns the prepare stage writes or uses itself; a carried input column may not take these names.
@@ -427,7 +440,7 @@ class BenchConfig(Section):
         default_factory=lambda: list(BENCHMARKS), min_length=1, description="the benchmarks a bench/eval/audit run uses"
     )
     dir: str = Field("outputs/bench", description="each benchmark is written to <dir>/<name>/ (rebuilt if settings change)")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     train_pairs: int = Field(2000, ge=10)
     validation_pairs: int = Field(200, ge=10)
     test_items: int = Field(200, ge=8, description="clean test pairs; each also gets counterfactual twins")
@@ -460,7 +473,7 @@ class EvalConfig(Section):
 class Config(Section):
     """The root: every stage reads the sections it needs."""
 
-    name: str = "run"
+    name: str = Field("run", description="the run's folder under output_dir")
     output_dir: str = "outputs"
     ray: RayConfig = Field(default_factory=RayConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -473,6 +486,26 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if name in ("", ".") or "/" in name or "\\" in name or ".." in name:
+            raise ValueError("the run's folder name may not be empty or '.', nor contain '/', '\\' or '..'")
+        return name
+
+    @model_validator(mode="after")
+    def _checkpoint_metric_is_reported(self) -> Config:
+        """Ray ranks checkpoints by this metric only once training has ended: a typo must fail here instead."""
+        metric, names = self.train.checkpoint_metric, sorted(validation_metric_names(self))
+        if metric not in names:
+            close = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            error = PydanticCustomError("unreported_metric", "not a metric train-rm reports under this config; {hint}"
+                                        "it reports {names}", {"hint": hint, "names": ", ".join(names)})
+            raise ValidationError.from_exception_data(  # not ValueError: the error keeps the key of the field
+                type(self).__name__, [{"type": error, "loc": ("train", "checkpoint_metric"), "input": metric}])
+        return self
 
     def stage_dir(self, stage: str) -> Path:
         """Where a stage of this run writes: <output_dir>/<name>/<stage>."""

@@ -2,19 +2,23 @@
 
 A job runs `jobs/<stage>.py` inside a copy of this checkout (the runtime env's working_dir), so the cluster runs
 the code you submit, with the dependencies of its image. The config is checked here before anything is sent,
-and its text travels inside the job (env var RAY_CRM_JOB_CONFIG), so the file may live anywhere on this machine.
+then travels as a file in an uploaded folder of its own (a `py_modules` entry, put on the job's PYTHONPATH), so
+the file may live anywhere on this machine and its text stays out of the dashboard, which shows env vars and the
+entrypoint. The runtime env's `excludes` keep secrets (.env, keys) and data files out of the upload.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import os
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,8 @@ from ray_crm.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout holding jobs/, configs/, cluster/
 RUNTIME_ENV = ROOT / "jobs" / "runtime_env.yaml"
-CONFIG_ENV = "RAY_CRM_JOB_CONFIG"
+CONFIG_PACKAGE = "ray_crm_job_config"  # the folder `submit` ships the config in; the job finds it on its path
+CONFIG_FILE = "config.yaml"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TAIL_LINES = 40
 COMMANDS = ("submit", "status", "logs", "stop")
@@ -47,12 +52,26 @@ def job_script(stage: str) -> str:
     return f"jobs/{stage.replace('-', '_')}.py"
 
 
-def build_runtime_env(path: Path, config_text: str | None) -> dict[str, Any]:
-    """The YAML runtime env with its working_dir made absolute and the config text added to its env vars."""
+@contextlib.contextmanager
+def shipped_config(text: str | None) -> Iterator[Path | None]:
+    """A temporary <CONFIG_PACKAGE>/<CONFIG_FILE> folder holding the config text, for as long as the upload takes
+    (`submit_job` uploads before it returns); None without a config."""
+    if text is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="ray_crm_submit_") as tmp:
+        folder = Path(tmp, CONFIG_PACKAGE)
+        folder.mkdir()
+        (folder / CONFIG_FILE).write_text(text)
+        yield folder
+
+
+def build_runtime_env(path: Path, config_dir: Path | None) -> dict[str, Any]:
+    """The YAML runtime env with its working_dir made absolute and the config folder added to its py_modules."""
     env = yaml.safe_load(Path(path).read_text()) or {}
     env["working_dir"] = str((ROOT / env.get("working_dir", ".")).resolve())
-    if config_text is not None:
-        env["env_vars"] = {**env.get("env_vars", {}), CONFIG_ENV: config_text}
+    if config_dir is not None:
+        env["py_modules"] = [*env.get("py_modules", []), str(config_dir)]
     return env
 
 
@@ -66,12 +85,13 @@ def submit(stage: str, config: str | None, overrides: list[str], *, print_config
               "temporary copy of the working dir; give output_dir=/a/path/every/node/sees", file=sys.stderr)
     args = [python, job_script(stage), *overrides, *(["--print-config"] if print_config else [])]
     client = _client(address)
-    job_id = client.submit_job(
-        entrypoint=shlex.join(args),
-        runtime_env=build_runtime_env(Path(runtime_env), Path(config).read_text() if config else None),
-        submission_id=submission_id,
-        metadata={"ray_crm_stage": stage, "ray_crm_config": str(config or "")},
-    )
+    with shipped_config(Path(config).read_text() if config else None) as config_dir:
+        job_id = client.submit_job(
+            entrypoint=shlex.join(args),
+            runtime_env=build_runtime_env(Path(runtime_env), config_dir),
+            submission_id=submission_id,
+            metadata={"ray_crm_stage": stage, "ray_crm_config": str(config or "")},
+        )
     print(f"ray-crm submit: job '{job_id}' submitted to {jobs_address(address)}", file=sys.stderr)
     if not wait:
         print(job_id)
@@ -188,14 +208,16 @@ def run_command(args: argparse.Namespace, alias_overrides: list[str]) -> int:
         return 1
 
 
+def shipped_config_path() -> Path | None:
+    """The config file `submit` shipped with this job: <CONFIG_PACKAGE>/<CONFIG_FILE> on the Python path."""
+    spec = importlib.util.find_spec(CONFIG_PACKAGE)
+    folders = spec.submodule_search_locations if spec is not None else None
+    return next((Path(f, CONFIG_FILE) for f in folders or [] if Path(f, CONFIG_FILE).is_file()), None)
+
+
 def run_job(stage: str, argv: list[str]) -> int:
     """Entry of jobs/<stage>.py: the stage's own CLI, given the config file that `submit` shipped, if any."""
     from ray_crm.cli import main
 
-    text = os.environ.get(CONFIG_ENV)
-    if text is None:
-        return main([stage, *argv])
-    with tempfile.TemporaryDirectory(prefix="ray_crm_job_") as tmp:
-        path = Path(tmp, "config.yaml")
-        path.write_text(text)
-        return main([stage, "--config", str(path), *argv])
+    path = shipped_config_path()
+    return main([stage, *(["--config", str(path)] if path else []), *argv])

@@ -28,6 +28,7 @@ from ray_crm.losses import MMDConfig, crm_loss, gather_global
 from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, pad_sequences, score
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
+from ray_crm.train.metric_names import higher_is_better
 from ray_crm.train.metrics_log import MetricsLog
 
 VAL_SCORES = "val_scores.npz"
@@ -167,13 +168,6 @@ def encode_twins(cfg: Config) -> dict[str, Any] | None:
     enc = load_encoder(str(resolve_model(cfg.model.name)), cfg.model.max_length, cfg.data.template)
     encoded = enc.encode(frame.prompt.tolist(), frame.response.tolist())
     return {"input_ids": encoded.input_ids, "token_type_ids": encoded.token_type_ids, "twin": frame.twin.to_numpy()}
-
-
-def validation_metric_names(cfg: Config) -> set[str]:
-    """Every metric `evaluate` reports under `cfg`: what a sweep may rank trials by."""
-    names = {"val_accuracy", "val_balanced_accuracy", "val_bt_loss", "val_mmd", "val_reward_std", "val_z_spearman",
-             *(f"val_spearman_{z.name}" for z in cfg.data.spurious)}
-    return names | ({"val_ci_gap", "val_ci_gap_std"} if cfg.data.twins else set())
 
 
 def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, float]:
@@ -327,6 +321,7 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
         datasets = {split: read_prepared(data_dir, split).materialize() for split in ("train", "validation")}
     name = run_name(cfg)
     out = cfg.stage_dir("train-rm") / name
+    order = "max" if higher_is_better(cfg.train.checkpoint_metric) else "min"
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
@@ -341,7 +336,7 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
             storage_path=str(cfg.stage_dir("train-rm") / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
-                                               checkpoint_score_order="max"),
+                                               checkpoint_score_order=order),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or [],
         ),
@@ -349,7 +344,8 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
-    best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.train.checkpoint_metric])
+    sign = 1.0 if order == "max" else -1.0
+    best, best_metrics = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.train.checkpoint_metric])
     with best.as_directory() as folder:
         card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest.get("hash"),
                 "metrics": best_metrics, "final_metrics": result.metrics}

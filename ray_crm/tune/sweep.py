@@ -64,7 +64,7 @@ def _reported_metrics(cfg: Config) -> set[str]:
         from ray_crm.rl.grpo_trainer import reported_metric_names
 
         return reported_metric_names(cfg)
-    from ray_crm.train.rm_trainer import validation_metric_names
+    from ray_crm.train.metric_names import validation_metric_names
 
     return validation_metric_names(cfg)
 

@@ -1,5 +1,6 @@
 """cluster/: the launcher configs pass Ray's own validation, the KubeRay manifests the CRD schema, and both keep
-cluster/README.md's promises: Ray's image at the project's Ray, GPU types from 0, no public dashboard. No cloud call.
+cluster/README.md's promises: Ray's image at the project's Ray, GPU types from 0, no public dashboard, token auth,
+and (launcher) SSH as the only way in, from one given range. No cloud call: the network scripts run against stubs.
 """
 
 import copy
@@ -7,6 +8,7 @@ import importlib.resources
 import importlib.util
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -26,6 +28,16 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHERS = sorted(p.name for p in CLUSTER.glob("*.yaml"))
+NETWORK_SCRIPTS = {"aws.yaml": "aws-network.sh", "gcp.yaml": "gcp-network.sh"}
+# Logs its argv (fields split by \x1f) and answers the two AWS calls whose output the script reads.
+CLI_STUB = r"""#!/usr/bin/env bash
+printf '%s\x1f' "$(basename "$0")" "$@" >> "$STUB_LOG"
+printf '\n' >> "$STUB_LOG"
+case " $* " in
+  *" describe-vpcs "*) echo vpc-0stub ;;
+  *" create-security-group "*) echo sg-0stub ;;
+esac
+"""
 MANIFESTS = sorted(p.name for p in KUBERAY.glob("*.yaml"))
 RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
 K8S = "1.33"
@@ -70,6 +82,83 @@ def test_launcher_config_keeps_its_promises(name):
         assert node["min_workers"] == 0 and node["max_workers"] >= 1 and node["resources"]["GPU"] >= 1
     assert "GPU" not in cfg["available_node_types"][cfg["head_node_type"]]["resources"]
     assert _spot(workers["rm_gpu"]["node_config"])
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_node_starts_ray_with_token_auth_and_the_shared_token(name):
+    cfg = launcher(name)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [part.strip() for command in cfg[key] for part in command.split(";") if "ray start" in part]
+        assert starts and all(shlex.split(s)[:3] == ["RAY_AUTH_MODE=token", "ray", "start"] for s in starts), key
+    assert cfg["file_mounts"]["~/.ray"] == "~/.ray"  # where `ray get-auth-token --generate` puts the token
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_node_type_is_on_the_network_of_the_cluster_script(name):
+    cfg = launcher(name)
+    node_configs = [t["node_config"] for t in cfg["available_node_types"].values()]
+    if cfg["provider"]["type"] == "aws":
+        # Ray creates (and opens SSH to every address in) its own group for any node type without one.
+        assert "security_group" not in cfg["provider"]
+        assert all(c.get("SecurityGroupIds") == node_configs[0]["SecurityGroupIds"] != [] for c in node_configs)
+    else:
+        subnet = f"regions/{cfg['provider']['region']}/subnetworks/ray-crm"
+        assert all([i["subnetwork"] for i in c["networkInterfaces"]] == [subnet] for c in node_configs)
+
+
+def _run_network_script(name: str, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run a network script with `aws` and `gcloud` stubs first on PATH; return the run and the stubs' calls."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for cli in ("aws", "gcloud"):
+        stub = bin_dir / cli
+        stub.write_text(CLI_STUB)
+        stub.chmod(0o755)
+    run = subprocess.run(["bash", str(CLUSTER / NETWORK_SCRIPTS[name])], check=False, capture_output=True, text=True,
+                         env={"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), **env})
+    calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines()] if log.exists() else []
+    return run, calls
+
+
+def _flags(call: list[str]) -> dict[str, str]:
+    """--key value and --key=value arguments of a CLI call."""
+    flags = {}
+    for i, arg in enumerate(call):
+        if arg.startswith("--"):
+            key, eq, value = arg.partition("=")
+            flags[key] = value if eq else (call[i + 1] if i + 1 < len(call) else "")
+    return flags
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_network_script_refuses_to_run_without_an_ssh_range(name, tmp_path):
+    run, calls = _run_network_script(name, tmp_path, GCP_PROJECT="p")
+    assert run.returncode != 0 and "SSH_CIDR" in run.stderr and calls == []
+    assert "0.0.0.0" not in (CLUSTER / NETWORK_SCRIPTS[name]).read_text()
+
+
+def test_aws_security_group_admits_only_ssh_from_the_range_and_the_groups_own_nodes(tmp_path):
+    run, calls = _run_network_script("aws.yaml", tmp_path, SSH_CIDR="203.0.113.7/32")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "sg-0stub"  # the id aws.yaml's SecurityGroupIds takes
+    assert {_flags(c)["--region"] for c in calls} == {launcher("aws.yaml")["provider"]["region"]}
+    ingress = [_flags(c) for c in calls if "authorize-security-group-ingress" in c]
+    rules = sorted((f["--protocol"], f.get("--port"), f.get("--cidr"), f.get("--source-group")) for f in ingress)
+    assert rules == [("-1", None, None, "sg-0stub"), ("tcp", "22", "203.0.113.7/32", None)]
+    assert not any("egress" in arg for c in calls for arg in c)
+
+
+def test_gcp_firewall_admits_only_ssh_from_the_range_and_the_subnet(tmp_path):
+    run, calls = _run_network_script("gcp.yaml", tmp_path, SSH_CIDR="203.0.113.7/32", GCP_PROJECT="my-project")
+    assert run.returncode == 0, run.stderr
+    assert {_flags(c)["--project"] for c in calls} == {"my-project"}
+    subnet = next(_flags(c) | {"name": c[5]} for c in calls if c[1:5] == ["compute", "networks", "subnets", "create"])
+    assert f"regions/{subnet['--region']}/subnetworks/{subnet['name']}" == (
+        launcher("gcp.yaml")["available_node_types"]["head"]["node_config"]["networkInterfaces"][0]["subnetwork"])
+    rules = sorted((f["--network"], f["--direction"], f["--allow"], f["--source-ranges"])
+                   for c in calls if c[1:4] == ["compute", "firewall-rules", "create"] for f in [_flags(c)])
+    assert rules == [("ray-crm", "INGRESS", "tcp,udp,icmp", subnet["--range"]),
+                     ("ray-crm", "INGRESS", "tcp:22", "203.0.113.7/32")]
 
 
 def _load_render():

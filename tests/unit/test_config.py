@@ -1,10 +1,20 @@
 """The config schema: YAML + dotted overrides, and errors that name the key."""
 
+import functools
+import math
+import re
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Union, get_args, get_origin
 
+import annotated_types
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-from ray_crm.config import Config, ConfigError, SearchSpace, dump_config, load_config
+from ray_crm.config import Config, ConfigError, SearchSpace, dump_config, load_config, validate
 
 
 def test_defaults_are_the_papers_lora_settings():
@@ -110,3 +120,117 @@ def test_every_shipped_config_loads_and_its_sweep_space_fits_the_schema(path):
     cfg = load_config(path)
     if cfg.sweep.space:
         check_space(cfg)
+
+
+def test_non_finite_and_out_of_range_values_fail_at_load_naming_the_key():
+    cases = {
+        "train.lr=.nan": "train.lr", "rl.lr=.inf": "rl.lr", "loss.lambda_mmd=-.inf": "loss.lambda_mmd",
+        "rl.gr_gamma=.nan": "rl.gr_gamma", "rl.kl_beta=.inf": "rl.kl_beta", "train.max_steps=-2": "train.max_steps",
+        "ray.num_cpus=0": "ray.num_cpus", "loss.mmd.bandwidth=[]": "loss.mmd.bandwidth",
+        "loss.mmd.bandwidth=[1.0, .nan]": "loss.mmd.bandwidth", "loss.mmd.bandwidth=0.0": "loss.mmd.bandwidth",
+        "loss.mmd.bandwidth=[1.0, -2.0]": "loss.mmd.bandwidth", "sweep.space.lr.uniform=[0.0, .inf]": "sweep.space.lr",
+    }
+    for override, key in cases.items():
+        with pytest.raises(ConfigError, match=rf"'{re.escape(key)}"):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"'data.spurious.0.bins': .*greater than or equal to 2"):  # MMD of one bin: 0
+        load_config(None, ["data.spurious=[{name: length, kind: length, bins: 1}]"])
+    assert load_config(None, ["train.max_steps=-1", "loss.mmd.bandwidth=median"]).train.max_steps == -1
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../up", "a\\b", "", "."])
+def test_a_run_name_is_one_folder_name(name):
+    with pytest.raises(ConfigError, match=r"'name': .*folder name"):
+        validate({"name": name})
+
+
+def test_checkpoint_metric_is_checked_at_load_against_what_train_rm_reports():
+    with pytest.raises(ConfigError, match=r"'train.checkpoint_metric': .*did you mean 'val_accuracy'.*'val_acuracy'"):
+        load_config(None, ["train.checkpoint_metric=val_acuracy"])
+    with pytest.raises(ConfigError, match=r"'train.checkpoint_metric'"):  # reported only with twins to score
+        load_config(None, ["train.checkpoint_metric=val_ci_gap_std"])
+    cfg = load_config(None, ["train.checkpoint_metric=val_ci_gap_std", "data.twins=/data/twins.parquet"])
+    assert cfg.train.checkpoint_metric == "val_ci_gap_std"
+    z = "data.spurious=[{name: concept, kind: concept, column: concept}]"
+    assert load_config(None, [z, "train.checkpoint_metric=val_spearman_concept"]).data.spurious[0].name == "concept"
+
+
+# Sections inside lists need an item to reach their fields: the smallest valid one of each.
+LIST_ITEMS = {"data.spurious": "{name: length, kind: length}", "reward.gold": "{name: vader, kind: vader}"}
+
+
+def _members(annotation) -> tuple:
+    """The types of a union (X | None -> X, None), else the annotation alone."""
+    return get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+
+
+def _numeric_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, FieldInfo, str | None]]:
+    """(dotted key, field, base override) of every int/float field reachable through sections, sections that
+    may be None and lists of sections (through their item 0)."""
+    found = []
+    for name, field in model.model_fields.items():
+        key, args = f"{prefix}{name}", _members(field.annotation)
+        if int in args or float in args or any(get_origin(a) is Annotated and get_args(a)[0] is float for a in args):
+            found.append((key, field, None))
+        for arg in args:
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                found += _numeric_fields(arg, f"{key}.")
+            elif get_origin(arg) is list and isinstance(item := get_args(arg)[0], type) and issubclass(item, BaseModel):
+                assert key in LIST_ITEMS, f"{key}: a list of sections with no item for the fuzz test"
+                found += [(k, f, f"{key}=[{LIST_ITEMS[key]}]") for k, f, _ in _numeric_fields(item, f"{key}.0.")]
+    return found
+
+
+NUMERIC_FIELDS = _numeric_fields()
+
+
+_CHECKS = {annotated_types.Gt: lambda v, b: v > b.gt, annotated_types.Ge: lambda v, b: v >= b.ge,
+           annotated_types.Lt: lambda v, b: v < b.lt, annotated_types.Le: lambda v, b: v <= b.le}
+
+
+def _bounds(field: FieldInfo) -> list:
+    """The field's numeric constraints, including those of a constrained float inside a union (bandwidth)."""
+    inner = [m for a in _members(field.annotation) if get_origin(a) is Annotated for f in get_args(a)[1:]
+             for m in getattr(f, "metadata", [])]
+    return [m for m in [*field.metadata, *inner] if type(m) in _CHECKS]
+
+
+def _allowed(value: float, bounds: list) -> bool:
+    return math.isfinite(value) and all(_CHECKS[type(b)](value, b) for b in bounds)
+
+
+def _yaml_number(value: float) -> str:
+    """A number as YAML spells it on the command line: .nan, .inf, -.inf, or Python's repr."""
+    if math.isnan(value):
+        return ".nan"
+    return (".inf" if value > 0 else "-.inf") if math.isinf(value) else repr(value)
+
+
+def test_the_fuzz_test_reaches_every_kind_of_numeric_field():
+    keys = {k for k, _, _ in NUMERIC_FIELDS}
+    assert {"train.lr", "rl.gr_gamma", "loss.lambda_mmd", "loss.mmd.bandwidth", "ray.num_cpus", "train.max_steps",
+            "data.spurious.0.bins", "data.vader.min_gap", "model.lora.dropout", "rl.lora.rank"} <= keys
+    assert not {"train.use_gpu", "name", "loss.type"} & keys  # bools, strings and literals are not numbers
+    assert _allowed(1.0, []) and not _allowed(math.nan, []) and not _allowed(0.0, [annotated_types.Gt(0.0)])
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(value=st.one_of(st.integers(max_value=0), st.floats(max_value=0.0), st.sampled_from([math.inf, math.nan])))
+@example(value=math.nan)
+@example(value=math.inf)
+@example(value=-math.inf)
+@example(value=0)
+@example(value=0.0)
+@example(value=-1)
+@example(value=-1e-300)
+def test_a_numeric_key_set_to_zero_negative_or_non_finite_is_refused_by_name_or_kept_within_its_bounds(value):
+    for key, field, base in NUMERIC_FIELDS:
+        override = f"{key}={_yaml_number(value)}"
+        try:
+            cfg = load_config(None, [*([base] if base else []), override])
+        except ConfigError as exc:
+            assert f"'{key}'" in str(exc), f"{override}: the error does not name the key: {exc}"
+            continue
+        kept = functools.reduce(lambda node, part: node[int(part)] if part.isdigit() else getattr(node, part),
+                                key.split("."), cfg)
+        assert kept == value and _allowed(kept, _bounds(field)), f"{override} was accepted as {kept!r}"
