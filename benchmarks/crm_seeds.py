@@ -71,6 +71,25 @@ def choose_lambda(rows: list[dict], drop: float) -> float:
     return min(ok, key=lambda lam: ok[lam]["val_ci_gap_std"])
 
 
+def markdown(result: dict) -> str:
+    """The table of a result file: every lambda's test figures as mean +- se over seeds, then the chosen one's cuts."""
+    headline, beside = FIGURES[result["bench"]]
+    keys = ["accuracy", headline, *beside, "reward_scale"]
+    lines = [f"| lambda ({result['variant']}) | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for lam, figures in result["per_lambda"].items():
+        name = "0 (vanilla BT)" if float(lam) == 0 else lam + (" (chosen)" if float(lam) == result["chosen_lambda"] else "")
+        lines.append(f"| {name} | " + " | ".join(f"{figures[k]['mean']:.3g} +- {figures[k]['se']:.2g}" for k in keys) + " |")
+    lines.append("")
+    for key, cut in result["cuts"].items():
+        lo, hi = cut["ci95"]
+        lines.append(f"- cut of |{key}| at lambda {result['chosen_lambda']:g}: {100 * cut['mean']:.1f}% "
+                     f"(95% CI {100 * lo:.1f}% to {100 * hi:.1f}%; seeds: {', '.join(f'{100 * v:.1f}%' for v in cut['values'])})")
+    acc, spread = result["accuracy_change"], result["spread_ratio"]
+    lines.append(f"- clean accuracy change: {acc['mean']:+.1f} points (95% CI {acc['ci95'][0]:+.1f} to {acc['ci95'][1]:+.1f})")
+    lines.append(f"- reward spread, causal / vanilla: {spread['mean']:.2f} (seeds: {', '.join(f'{v:.2f}' for v in spread['values'])})")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", required=True, choices=list(FIGURES))
@@ -79,12 +98,16 @@ def main() -> None:
     p.add_argument("--variant", default="conditional", choices=["conditional", "unconditional"])
     p.add_argument("--max-accuracy-drop", type=float, default=0.02)
     p.add_argument("--out", default=None, help="default: benchmarks/results/crm_<bench>.json")
+    p.add_argument("--render", action="store_true", help="only print the Markdown table of an existing result file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a dotted config override for every model, e.g. --set train.lr=1e-4 (repeatable)")
     args = p.parse_args()
 
     name = f"crm_{args.bench}"
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{name}.json")
+    if args.render:
+        print(markdown(json.loads(out.read_text())))
+        return
     config = ROOT / "configs" / f"bench_{args.bench}.yaml"
     prepared = load_config(config).prepared_dir()  # shared with `ray-crm prepare --config` of the benchmark
     base = [f"name={name}", f"data.output_dir={prepared}", *args.overrides]
@@ -149,7 +172,7 @@ def main() -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)
-    print(json.dumps({k: result[k] for k in ("chosen_lambda", "cuts", "accuracy_change", "spread_ratio")}, indent=2))
+    print(markdown(result))
 
 
 if __name__ == "__main__":
