@@ -1,4 +1,4 @@
-"""Does the MMD bandwidth let a causal RM learn? BT loss after 30 steps per bandwidth (docs/training.md).
+"""Does the MMD kernel let a causal RM learn? BT loss and reward spread after 30 steps per kernel (docs/training.md).
 
     python benchmarks/probe_bandwidth.py
 
@@ -27,7 +27,8 @@ def length_bin(text: str) -> int:
     return 0 if n < 9 else (1 if n < 16 else 2)
 
 
-def final_bt_loss(model_dir: Path, bandwidth, lam: float, steps: int = 30) -> float:
+def final_bt_loss(model_dir: Path, bandwidth, lam: float, standardize: bool = False, steps: int = 30) -> tuple[float, float]:
+    """Mean BT loss of the last 5 steps, and the std of the last batch's rewards."""
     cfg = load_config(None, [f"model.name={model_dir}", "model.lora.rank=8", "model.lora.alpha=16"])
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(0)
@@ -40,18 +41,23 @@ def final_bt_loss(model_dir: Path, bandwidth, lam: float, steps: int = 30) -> fl
                   padding=True, return_tensors="pt")
         rewards, _ = score(model, enc)
         bins = [torch.tensor([length_bin(p[side]) for p in batch]) for side in ("chosen", "rejected")]
-        loss, metrics = crm_loss(rewards[:16], rewards[16:], *bins, lam, mmd=MMDConfig(bandwidth=bandwidth, num_bins=3))
+        loss, metrics = crm_loss(rewards[:16], rewards[16:], *bins, lam, mmd=MMDConfig(bandwidth=bandwidth, num_bins=3,
+                                                                                 standardize=standardize))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(metrics["loss/preference"]))
-    return sum(losses[-5:]) / 5
+    return sum(losses[-5:]) / 5, float(rewards.detach().std())
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     model_dir = build_tiny_bert(Path(tempfile.mkdtemp()))
-    print("| bandwidth | lambda | BT loss, mean of steps 26-30 |\n|---|---|---|")
-    for bandwidth, lam in [("median", 0.0), ("median", 0.5), (1.0, 0.5), ((0.5, 1.0, 2.0), 0.5), ((0.5, 1.0, 2.0, 4.0), 0.5)]:
-        print(f"| {bandwidth} | {lam} | {final_bt_loss(model_dir, bandwidth, lam):.3f} |")
+    print("| bandwidth | standardized | lambda | BT loss, mean of steps 26-30 | reward std, step 30 |\n|---|---|---|---|---|")
+    mixture = (0.5, 1.0, 2.0, 4.0)
+    for bandwidth, standardize, lam in [("median", False, 0.0), ("median", False, 0.5), (1.0, False, 0.5),
+                                        ((0.5, 1.0, 2.0), False, 0.5), (mixture, False, 0.5), (mixture, True, 0.5),
+                                        (mixture, True, 5.0), ("median", True, 0.5)]:
+        loss, spread = final_bt_loss(model_dir, bandwidth, lam, standardize)
+        print(f"| {bandwidth} | {standardize} | {lam} | {loss:.3f} | {spread:.3f} |")
