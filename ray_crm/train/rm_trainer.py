@@ -352,5 +352,5 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
         merged = export_reward_model(cfg.model, Path(folder) / "model", out / "export", card)
         shutil.copy(Path(folder) / VAL_SCORES, out / "export" / VAL_SCORES)
     return {"model": str(merged), "run": name, "logs": str(out / "logs"), "final_step": result.metrics["step"],
-            **{k: best_metrics[k] for k in ("val_accuracy", "val_bt_loss", "val_mmd", "val_z_spearman", "step")
-               if k in best_metrics}}
+            # every validation metric: a Tune trial's return value is its last result, ranked by any of them
+            **{k: v for k, v in best_metrics.items() if k.startswith("val_") or k == "step"}}
