@@ -5,9 +5,17 @@ the reward pool scores them with the trained RM (and the gold scorers, which onl
 learner actor (`PolicyLearner`) takes one optimizer step on Dr.GRPO advantages, and its new weights reach
 every engine before the next step (a partial sync of the merged LoRA targets, or the full state dict).
 
+Non-finite values never reach the engines or a checkpoint: samples that a scorer gave a NaN or infinite score
+are left out of the step (`dropped_rows`, `nonfinite/<score>`), and a step whose loss or gradient is not finite
+is skipped by the learner (`skipped`, `skip_reason`), whose weights then stay as they were and are not synced.
+Every call to the learner actor has a timeout (`LEARNER_TIMEOUT_S`) and an error naming the call.
+
 Written to `<output_dir>/<name>/train-rl/` (or `rl.output_dir`):
+- `config.yaml`: the settings of the run; a rerun resumes only if its `rl.*`, `reward.*` and `rollout.*` keys
+  are the same, but for those that change how long or how fast it runs (`RESUMABLE_KEYS`);
 - `rl.csv` (+ TensorBoard): per step the trained reward, each gold score, response length, the learner's
-  loss, KL, GR gradient norms and engine/learner log-prob gap, and the generate / score / learn / sync times;
+  loss, KL, GR gradient norms and engine/learner log-prob gap, skips and dropped samples, and the generate /
+  score / learn / sync times;
 - `samples.jsonl`: the first completion of each prompt every step (what the policy is learning to say);
 - `checkpoints/step_N/`: the learner (trainable tensors, Adam, reference) every `rl.checkpoint_every` steps;
   a rerun of the same command resumes from the latest one;
@@ -19,27 +27,49 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
 import shutil
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+import yaml
 
 from ray_crm.assets import resolve_model
-from ray_crm.config import Config, ConfigError
+from ray_crm.config import Config, ConfigError, dump_config
 from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner
-from ray_crm.rl.policy_losses import group_advantages
+from ray_crm.rl.policy_losses import finite_rows, group_advantages
 from ray_crm.rl.prompts import load_prompts
 from ray_crm.rl.reward_actor import REWARD_KEY, RewardPool, gold_key
 from ray_crm.rl.rollout import ENGINE_DTYPES, RolloutPool
+from ray_crm.rl.supervision import ActorCallError, ActorGroup, Member
 from ray_crm.rl.weights import pack_state_dict
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.metrics_log import MetricsLog
 
 logger = logging.getLogger(__name__)
+
+# No config field bounds the learner actor's calls (start-up, step, save, load, export): a hung learner must
+# still end the run, and one step of a large policy under GR on a CPU can take many minutes.
+LEARNER_TIMEOUT_S = 3600.0
+# The sections whose settings a resumed run must share with the run it continues ...
+SETTINGS_SECTIONS = ("rl", "reward", "rollout")
+# ... but for these, which change how long, where or how fast it runs, not what it learns.
+RESUMABLE_KEYS = frozenset({
+    "rl.steps", "rl.checkpoint_every", "rl.keep_checkpoints", "rl.output_dir", "rl.learner_cpus",
+    "rl.learner_threads",
+    *(f"rollout.{key}" for key in (
+        "engines", "cpus_per_engine", "engine_threads", "kv_cache_gib", "max_num_seqs", "max_num_batched_tokens",
+        "enforce_eager", "gpu_memory_utilization", "gpu_fraction", "start_timeout_s", "generate_timeout_s",
+        "sync_timeout_s", "max_restarts")),
+    *(f"reward.{key}" for key in (
+        "actors", "cpus_per_actor", "threads", "batch_size", "start_timeout_s", "call_timeout_s", "max_restarts")),
+})
 
 
 class PolicyLearnerActor:
@@ -49,7 +79,10 @@ class PolicyLearnerActor:
         set_threads(cfg.rl.learner_threads or cfg.ray.torch_threads)
         self.learner = PolicyLearner(model_path, cfg.rl)
 
-    def step(self, batch: PolicyBatch) -> dict[str, float]:
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    def step(self, batch: PolicyBatch) -> dict[str, float | str]:
         return self.learner.step(batch)
 
     def engine_weights(self, dtype: torch.dtype) -> tuple[list[ray.ObjectRef], bool]:
@@ -60,9 +93,8 @@ class PolicyLearnerActor:
     def save(self, path: str) -> None:
         torch.save(self.learner.state(), path)
 
-    def load(self, path: str) -> int:
+    def load(self, path: str) -> None:
         self.learner.load_state(torch.load(path, weights_only=False))
-        return self.learner.step_count
 
     def save_policy(self, folder: str) -> str:
         return str(self.learner.save_policy(Path(folder)))
@@ -87,8 +119,58 @@ def check(cfg: Config) -> None:
         raise ConfigError("reward.model: the trained reward model folder (ray-crm train-rm exports one)")
 
 
-def _sync(learner, pool: RolloutPool, dtype: torch.dtype, version: int):
-    (ref,), partial = ray.get(learner.engine_weights.remote(dtype))
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The dotted `SETTINGS_SECTIONS` keys whose values differ between two dumped configs (a key only one of
+    them has differs too), but for `RESUMABLE_KEYS`: what would make a resumed run a different experiment."""
+    a, b = (_flatten({s: c.get(s, {}) for s in SETTINGS_SECTIONS}) for c in (old, new))
+    return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_KEYS and (k in a, a.get(k)) != (k in b, b.get(k)))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys; lists (`reward.gold`, `rl.prompts`) stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resumable(out: Path, cfg: Config) -> None:
+    """Refuse to resume the run in `out` under other settings than it trained with: its checkpoint, log and
+    samples would silently mix two experiments."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        logger.warning("%s has no config.yaml (written before settings were recorded): resuming it unchecked", out)
+        return
+    changed = changed_settings(yaml.safe_load(saved.read_text()), cfg.model_dump(mode="json"))
+    if changed:
+        raise ConfigError(f"{out} holds a run trained with other settings ({', '.join(changed)} differ from its "
+                          "config.yaml) and a rerun would resume it: pick another `name` or `rl.output_dir`, or "
+                          "rerun with the saved settings")
+
+
+def _start_learner(policy: str, cfg: Config) -> ActorGroup:
+    """The learner actor behind `ActorGroup`'s timeouts; never restarted (it would have lost its state)."""
+    handle = ray.remote(PolicyLearnerActor).options(
+        num_cpus=cfg.rl.learner_cpus, num_gpus=1 if cfg.rl.use_gpu else 0, max_restarts=0, max_task_retries=0
+    ).remote(policy, cfg)
+    learner = ActorGroup([Member("learner", handle)], LEARNER_TIMEOUT_S, max_restarts=0)
+    learner.wait_ready()
+    return learner
+
+
+def _call(learner: ActorGroup, method: str, *args: Any, during: str, timeout_s: float = LEARNER_TIMEOUT_S) -> Any:
+    """`method(*args)` on the learner; a hung one is killed, and the error says what the driver was doing."""
+    try:
+        return learner.call(method, {0: args}, timeout_s, retry=False)[0]
+    except ActorCallError as exc:
+        raise ActorCallError(f"{during}: {exc}") from exc
+
+
+def _sync(learner: ActorGroup, pool: RolloutPool, dtype: torch.dtype, version: int, timeout_s: float):
+    (ref,), partial = _call(learner, "engine_weights", dtype, during=f"weight sync v{version}", timeout_s=timeout_s)
     return pool.sync_weights(ref, version=version, partial=partial)
 
 
@@ -118,7 +200,7 @@ def reported_metric_names(cfg: Config) -> set[str]:
     return names
 
 
-def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the policy; `report` (e.g. `ray.tune.report`) receives every step's metrics."""
     check(cfg)
     rl = cfg.rl
@@ -126,9 +208,12 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     resumed = latest_checkpoint(ckpt_root)
-    done = json.loads((resumed / "driver.json").read_text())["step"] if resumed is not None else 0
-    if done >= rl.steps and (out / "summary.json").is_file():  # finished: nothing to train, no actor to start
-        return {**json.loads((out / "summary.json").read_text()), **_paths(out), "resumed_from_step": done}
+    if resumed is not None:
+        _check_resumable(out, cfg)
+    start = json.loads((resumed / "driver.json").read_text())["step"] if resumed is not None else 0
+    if start >= rl.steps and (out / "summary.json").is_file():  # finished: nothing to train, no actor to start
+        return {**json.loads((out / "summary.json").read_text()), **_paths(out), "resumed_from_step": start}
+    (out / "config.yaml").write_text(dump_config(cfg))
     prompts = load_prompts(rl.prompts, rl.prompt_column, out / "quarantine.jsonl")
     init_ray(cfg.ray)
     need, have = sum(b.get("CPU", 0.0) for b in trial_bundles(cfg)), ray.cluster_resources().get("CPU", 0.0)
@@ -137,10 +222,9 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
                        "%.2f: some actors will wait for more nodes (lower *.cpus_per_* on a small machine)", need, have)
     policy = str(resolve_model(rl.policy))
     dtype = ENGINE_DTYPES[cfg.rollout.dtype]
-    learner = ray.remote(PolicyLearnerActor).options(
-        num_cpus=rl.learner_cpus, num_gpus=1 if rl.use_gpu else 0
-    ).remote(policy, cfg)
-    start = 0 if resumed is None else ray.get(learner.load.remote(str(resumed / "learner.pt")))
+    learner = _start_learner(policy, cfg)
+    if resumed is not None:  # the driver's step, not the learner's count of optimizer steps: those skip NaNs
+        _call(learner, "load", str(resumed / "learner.pt"), during=f"resuming from {resumed}")
     log = MetricsLog(out, "rl")
     log.drop_after(start)  # steps after the checkpoint are taken (and logged) again
     _drop_samples_after(out / "samples.jsonl", start)
@@ -148,8 +232,8 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
     with RolloutPool(policy, cfg.rollout, cfg.ray.torch_threads) as pool, \
             RewardPool(cfg.reward, cfg.ray.torch_threads) as rewards, open(out / "samples.jsonl", "a") as samples:
         if start:
-            _sync(learner, pool, dtype, version=start)
-        row: dict[str, float] = {}
+            _sync(learner, pool, dtype, start, cfg.rollout.sync_timeout_s)
+        row: dict[str, Any] = {}
         for step in range(start, rl.steps):
             chosen = [prompts[order[(step * rl.prompts_per_step + i) % len(prompts)]]
                       for i in range(rl.prompts_per_step)]
@@ -160,24 +244,38 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
             flat = [(r, c) for r in rollouts for c in r.completions]
             scores = rewards.score([r.prompt for r, _ in flat], [c.text for _, c in flat])
             t2 = time.perf_counter()
+            valid, nonfinite = finite_rows(scores)
             reward = torch.tensor(scores[REWARD_KEY]).view(len(rollouts), -1)
-            advantages = group_advantages(reward, whiten=rl.whiten_advantages).flatten().tolist()
-            batch = PolicyBatch(
-                prompt_ids=[r.prompt_token_ids for r, _ in flat], response_ids=[c.token_ids for _, c in flat],
-                advantages=advantages, engine_logprobs=[c.logprobs for _, c in flat],
-                temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-            )
-            stats = ray.get(learner.step.remote(batch))
+            advantages = group_advantages(reward, rl.whiten_advantages, valid.view_as(reward)).flatten().tolist()
+            keep = valid.nonzero().flatten().tolist()
+            if len(keep) < len(flat):
+                logger.warning("rl step %d: %d of %d samples left out, scored non-finite (%s)", step + 1,
+                               len(flat) - len(keep), len(flat), {k: n for k, n in nonfinite.items() if n})
+            if keep:
+                batch = PolicyBatch(
+                    prompt_ids=[flat[i][0].prompt_token_ids for i in keep],
+                    response_ids=[flat[i][1].token_ids for i in keep], advantages=[advantages[i] for i in keep],
+                    engine_logprobs=[flat[i][1].logprobs for i in keep],
+                    temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                )
+                stats = _call(learner, "step", batch, during=f"rl step {step + 1}")
+            else:
+                stats = {"skipped": 1.0, "skip_reason": "no sample with finite scores"}
             t3 = time.perf_counter()
-            synced = _sync(learner, pool, dtype, version=step + 1)
+            if stats["skipped"]:
+                logger.warning("rl step %d skipped (%s): the policy stays that of step %d",
+                               step + 1, stats["skip_reason"], step)
+            synced = None if stats["skipped"] else _sync(learner, pool, dtype, step + 1, cfg.rollout.sync_timeout_s)
             lengths = [len(c.token_ids) for _, c in flat]
+            kept = {key: [values[i] for i in keep] for key, values in scores.items()}
             row = {
-                **_means(scores), "reward_std": float(reward.std()),
+                **_means(kept), "reward_std": statistics.stdev(kept[REWARD_KEY]) if len(keep) > 1 else math.nan,
                 "response_tokens_mean": sum(lengths) / len(lengths),
                 "finished_fraction": sum(c.finish_reason == "stop" for _, c in flat) / len(flat),
                 "policy_version": min(r.policy_version for r in rollouts), **stats,
+                "dropped_rows": len(flat) - len(keep), **{f"nonfinite/{k}": n for k, n in nonfinite.items()},
                 "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/learn_s": t3 - t2,
-                "time/sync_s": synced.seconds,
+                "time/sync_s": synced.seconds if synced else 0.0,
             }
             log.write(step + 1, row)
             if report is not None:
@@ -185,11 +283,11 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, float]], None] | None 
             samples.writelines(json.dumps({"step": step + 1, "prompt": r.prompt, "response": r.completions[0].text})
                                + "\n" for r in rollouts)
             samples.flush()
-            logger.info("rl step %d: reward %.4f, %.1f tokens, %s", step + 1, row[f"{REWARD_KEY}_mean"],
+            logger.info("rl step %d: reward %.4f, %.1f tokens, %s", step + 1, row.get(f"{REWARD_KEY}_mean", math.nan),
                         row["response_tokens_mean"], {k: round(v, 4) for k, v in row.items() if k.startswith("gold_")})
             if (step + 1) % rl.checkpoint_every == 0 or step + 1 == rl.steps:
                 _checkpoint(learner, ckpt_root, step + 1, rl.keep_checkpoints)
-    policy_dir = ray.get(learner.save_policy.remote(str(out / "policy")))
+    policy_dir = _call(learner, "save_policy", str(out / "policy"), during="exporting the policy")
     summary = {**_paths(out), "policy": policy_dir, "steps": rl.steps,
                "resumed_from_step": start if resumed is not None else None, "last": row}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -213,12 +311,12 @@ def _drop_samples_after(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def _checkpoint(learner, root: Path, step: int, keep: int) -> None:
+def _checkpoint(learner: ActorGroup, root: Path, step: int, keep: int) -> None:
     """Written under a temporary name and renamed, so a crash never leaves a half checkpoint to resume from."""
     final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ray.get(learner.save.remote(str(tmp / "learner.pt")))
+    _call(learner, "save", str(tmp / "learner.pt"), during=f"checkpointing step {step}")
     (tmp / "driver.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -5,7 +5,9 @@ Plain torch and transformers (no Ray): `ray_crm.rl.grpo_trainer` runs it inside 
 - recomputes the old log-probs with the learner's own weights (verl does the same), so PPO's ratio starts at
   exactly 1 whatever precision the engines sampled in, and logs their gap to the engines' log-probs;
 - takes the gradient of the Dr.GRPO loss (plus beta * KL for `kl`/`reset`), through the finite-difference GR
-  estimator for `gr`, accumulated over micro-batches; clips it and steps Adam.
+  estimator for `gr`, accumulated over micro-batches; clips it and steps Adam, unless the loss or the
+  (combined) gradient is not finite: then the step is skipped and reported (`skipped`, `skip_reason`), and
+  the weights and Adam are left exactly as they were, so a NaN never reaches the engines or a checkpoint.
 
 Weights and Adam stay fp32; `rl.precision=bf16` runs the forward and backward passes under bf16 autocast
 (AMX on recent Xeons, tensor cores on GPUs). Log-probs are those of the sampling distribution, softmax(logits / temperature), as the engines report them.
@@ -16,6 +18,7 @@ The reference policy (KL and resets) is a snapshot of the trainable tensors only
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,8 +132,9 @@ class PolicyLearner:
             out = functional_call(self.model, weights, args=(), kwargs=inputs) if weights else self.model(**inputs)
         return token_logprobs(out.logits, inputs["input_ids"], temperature).cpu()
 
-    def step(self, batch: PolicyBatch) -> dict[str, float]:
-        """One optimizer step on `batch`; returns what it measured (loss, KL, gradient norms, log-prob gap)."""
+    def step(self, batch: PolicyBatch) -> dict[str, float | str]:
+        """One optimizer step on `batch`; returns what it measured (loss, KL, gradient norms, log-prob gap) and
+        whether it was skipped (`skipped` 0/1, `skip_reason`)."""
         cfg = self.cfg
         micro = pack_sequences(batch.prompt_ids, batch.response_ids, self.pad_id, cfg.micro_batch_size)
         advantages = torch.tensor(batch.advantages, dtype=torch.float32)
@@ -177,15 +181,18 @@ class PolicyLearner:
         for p, gi in zip(self.params, g, strict=True):
             p.grad = gi.to(p.dtype)
         stats["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_count += 1
-        if cfg.regularizer == "reset" and self.step_count % cfg.reset_every == 0:
-            self.reference = self._snapshot()
-            stats["policy/reference_reset"] = 1.0
         stats["policy/engine_logprob_gap"] = gap
         stats["policy/response_tokens"] = tokens
-        return stats
+        reason = ("non-finite loss" if not math.isfinite(stats["policy/loss"])
+                  else "non-finite gradient" if not math.isfinite(stats["policy/grad_norm"]) else "")
+        if not reason:
+            self.optimizer.step()
+            self.step_count += 1
+            if cfg.regularizer == "reset" and self.step_count % cfg.reset_every == 0:
+                self.reference = self._snapshot()
+                stats["policy/reference_reset"] = 1.0
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**stats, "skipped": float(bool(reason)), "skip_reason": reason}
 
     def engine_weights(self) -> tuple[dict[str, Tensor], bool]:
         """The weights the engines should serve now, and whether they are partial (LoRA targets only)."""

@@ -1,6 +1,7 @@
 """The RL algorithm math as plain torch functions (SPEC 3), apart from the Ray actors that will run them.
 
-- `group_advantages`: Dr.GRPO's group-mean baseline over the N samples of each prompt;
+- `finite_rows`, `group_advantages`: which samples every scorer gave a finite score, and Dr.GRPO's group-mean
+  baseline over the valid samples of each prompt;
 - `clipped_policy_loss`: PPO's clipped surrogate, summed over tokens and divided by a constant (Dr.GRPO), so
   long and short responses weigh by their tokens, not by 1 / length;
 - `kl_to_reference`: the k3 estimator of KL(policy || reference) per token, for the KL and reference-reset
@@ -11,22 +12,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from torch.nn.utils import get_total_norm
 
 
-def group_advantages(rewards: Tensor, whiten: bool = False) -> Tensor:
+def finite_rows(scores: Mapping[str, Sequence[float]]) -> tuple[Tensor, dict[str, int]]:
+    """Rows [B] that every score (the reward and each gold score) is finite for, and each score's count of
+    non-finite values: one scorer's NaN would otherwise make the whole batch's advantages (and means) NaN.
+    Checked in float32, the advantages' dtype, so a score beyond its range counts as infinite."""
+    finite = {key: torch.isfinite(torch.tensor(values, dtype=torch.float32)) for key, values in scores.items()}
+    valid = torch.stack(list(finite.values())).all(dim=0)
+    return valid, {key: int((~f).sum()) for key, f in finite.items()}
+
+
+def group_advantages(rewards: Tensor, whiten: bool = False, valid: Tensor | None = None) -> Tensor:
     """Advantages [P, N] from rewards [P, N] (N samples per prompt): reward minus its prompt's mean.
 
     Dr.GRPO drops GRPO's division by the group std (it up-weights prompts the policy already agrees on).
     `whiten` rescales by the batch std: causal RMs shrink the reward scale (docs/RESULTS.md), which would
-    otherwise shrink every update with it.
+    otherwise shrink every update with it. Only `valid` rows (default: finite rewards) enter the means and the
+    std; the others get 0 (the driver leaves them out of the step), so a prompt with no valid row adds nothing.
     """
-    adv = rewards - rewards.mean(dim=1, keepdim=True)
-    return adv / (adv.std() + 1e-8) if whiten else adv
+    valid = torch.isfinite(rewards) if valid is None else valid
+    kept = torch.where(valid, rewards, 0.0)
+    mean = kept.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+    adv = torch.where(valid, kept - mean, 0.0)
+    if whiten and valid.sum() > 1:  # with one valid row or none every advantage is already 0
+        adv = adv / (adv[valid].std() + 1e-8)
+    return adv
 
 
 def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,

@@ -45,6 +45,7 @@ from typing import Any, Self
 
 import ray
 import torch
+from ray.exceptions import GetTimeoutError
 from torch import Tensor
 
 from ray_crm.assets import cache_root
@@ -266,7 +267,11 @@ class RolloutPool:
         if self._placement_group is None:
             bundle = {"GPU": 1.0, "CPU": self.cfg.cpus_per_engine}
             self._placement_group = placement_group([bundle] * (self.cfg.engines * tp), strategy="PACK")
-            ray.get(self._placement_group.ready(), timeout=self.cfg.start_timeout_s)
+            try:
+                ray.get(self._placement_group.ready(), timeout=self.cfg.start_timeout_s)
+            except GetTimeoutError:
+                raise ActorCallError(f"the placement group of the rollout engines ({self.cfg.engines * tp} "
+                                     f"GPU bundles) was not ready within {self.cfg.start_timeout_s:.0f} s") from None
         bundles = list(range(index * tp, (index + 1) * tp))
         strategy = PlacementGroupSchedulingStrategy(
             self._placement_group, placement_group_bundle_index=bundles[0], placement_group_capture_child_tasks=True

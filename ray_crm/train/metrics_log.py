@@ -8,7 +8,11 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends rows to `<name>.csv` (columns fixed by the first row) and scalars to TensorBoard."""
+    """Appends rows to `<name>.csv` and scalars to TensorBoard.
+
+    A row with a key no earlier row had (a statistic measured only on some steps, or a first step that
+    measured less than the others) widens the file's header instead of losing the column.
+    """
 
     def __init__(self, folder: Path, name: str):
         from torch.utils.tensorboard import SummaryWriter
@@ -34,13 +38,24 @@ class MetricsLog:
 
     def write(self, step: int, row: dict[str, Any]) -> None:
         row = {"step": step, **row}
-        if self._fields is None:
-            self._fields = list(row)
-            with open(self.path, "w", newline="") as fh:
-                csv.writer(fh).writerow(self._fields)
+        new = [key for key in row if key not in (self._fields or [])]
+        if new:
+            self._widen(new)
         with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, self._fields, extrasaction="ignore").writerow(row)
+            csv.DictWriter(fh, self._fields).writerow(row)
         for key, value in row.items():
             if isinstance(value, (int, float)) and key != "step":
                 self._writer.add_scalar(f"{self.name}/{key}", value, step)
         self._writer.flush()
+
+    def _widen(self, keys: list[str]) -> None:
+        """Rewrite the file with `keys` appended to its header (earlier rows get empty cells)."""
+        rows = []
+        if self._fields is not None and self.path.exists():
+            with open(self.path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        self._fields = [*(self._fields or []), *keys]
+        with open(self.path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, self._fields)
+            writer.writeheader()
+            writer.writerows(rows)

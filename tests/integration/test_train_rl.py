@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from ray_crm.config import dump_config, validate
+from ray_crm.config import ConfigError, dump_config, validate
 from ray_crm.rl.grpo_trainer import run_train_rl
 
 pytestmark = pytest.mark.integration
@@ -55,6 +55,8 @@ def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_resume
     assert all(float(r["policy/engine_logprob_gap"]) < 1e-3 for r in rows)
     for key in ("reward_mean", "gold_vader_mean", "gr/g1_norm", "gr/g2_norm", "time/sync_s", "response_tokens_mean"):
         assert all(r[key] != "" for r in rows), key
+    # every score finite, every step taken
+    assert all((float(r["skipped"]), r["skip_reason"], float(r["dropped_rows"])) == (0.0, "", 0.0) for r in rows)
     bad = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert [(b["line"], b["field"], b["reason"]) for b in bad] == [(2, "prompt", "missing")]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
@@ -75,6 +77,12 @@ def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_resume
     # a finished run asked again starts nothing and reports what it has
     finished = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=4))
     assert finished["resumed_from_step"] == 4 and finished["policy"] == again["policy"]
+    assert len(_rows(out / "rl.csv")) == 4
+    # ... but not under other learning settings: that would be another experiment in the same folder
+    data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=5).model_dump(mode="json")
+    data["rl"]["lr"], data["rollout"]["temperature"] = 1e-3, 0.9
+    with pytest.raises(ConfigError, match=r"rl\.lr, rollout\.temperature differ.*another `name` or `rl\.output_dir`"):
+        run_train_rl(validate(data))
     assert len(_rows(out / "rl.csv")) == 4
 
 

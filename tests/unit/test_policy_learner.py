@@ -1,6 +1,9 @@
-"""The GRPO learner on a tiny Llama (no Ray): log-prob alignment, regularizers, resume, exported weights."""
+"""The GRPO learner on a tiny Llama (no Ray): log-prob alignment, regularizers, skipped non-finite steps, resume,
+exported weights."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -36,6 +39,15 @@ def _sequence_logprobs(learner: PolicyLearner) -> list[list[float]]:
 
 def _params(learner):
     return [p.detach().clone() for p in learner.params]
+
+
+def _adam(learner) -> dict[int, dict[str, torch.Tensor]]:
+    return {i: {k: v.clone() for k, v in state.items()} for i, state in learner.optimizer.state_dict()["state"].items()}
+
+
+def _same_adam(a, b) -> bool:
+    return a.keys() == b.keys() and all(
+        a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k]) for k in a[i]) for i in a)
 
 
 def test_response_mask_marks_the_positions_that_predict_response_tokens():
@@ -103,6 +115,41 @@ def test_gr_perturbs_only_transformer_block_parameters(tiny_llama_dir):
     perturbed = {n for n, moved in zip(learner.names, learner.perturb) if moved}
     assert perturbed and all(".layers." in n for n in perturbed)
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(learner.names) - perturbed
+
+
+@pytest.mark.parametrize("regularizer", ["none", "kl", "gr"])
+def test_a_non_finite_loss_skips_the_step_and_leaves_weights_and_adam_bit_for_bit(tiny_llama_dir, regularizer):
+    kw = {"regularizer": regularizer, "kl_beta": 0.1, "gr_gamma": 1.0, "gr_fd_eps": 1e-2}
+    learner = PolicyLearner(tiny_llama_dir, _cfg(**kw))
+    assert learner.step(_batch())["skipped"] == 0.0  # Adam has state to lose
+    params, adam = _params(learner), _adam(learner)
+    stats = learner.step(_batch(advantages=(float("nan"), -1.0)))
+    assert (stats["skipped"], stats["skip_reason"]) == (1.0, "non-finite loss")
+    assert all(torch.equal(p, q) for p, q in zip(learner.params, params))
+    assert _same_adam(_adam(learner), adam) and learner.step_count == 1
+    assert all(p.grad is None for p in learner.params)
+    # the skip left nothing behind: the next step is the one a learner that never saw the NaN batch takes
+    learner.step(_batch(advantages=(-1.0, 1.0)))
+    clean = PolicyLearner(tiny_llama_dir, _cfg(**kw))
+    clean.step(_batch())
+    clean.step(_batch(advantages=(-1.0, 1.0)))
+    assert all(torch.equal(p, q) for p, q in zip(learner.params, clean.params))
+    assert _same_adam(_adam(learner), _adam(clean))
+
+
+def test_gr_skips_a_step_whose_perturbed_gradient_is_not_finite(tiny_llama_dir):
+    learner = PolicyLearner(tiny_llama_dir, _cfg(regularizer="gr", gr_gamma=1.0, gr_fd_eps=1e-2))
+    learner.step(_batch())
+    params, adam = _params(learner), _adam(learner)
+    calls = []
+    # NaN in the gradient at the perturbed weights only (g2: the third and fourth of four micro-batch backward
+    # passes): the loss and g1 stay finite, the combined GR gradient does not
+    learner.params[0].register_hook(lambda g: calls.append(1) or (g * float("nan") if len(calls) > 2 else g))
+    stats = learner.step(_batch())
+    assert len(calls) == 4 and math.isfinite(stats["policy/loss"]) and math.isfinite(stats["gr/g1_norm"])
+    assert (stats["skipped"], stats["skip_reason"]) == (1.0, "non-finite gradient")
+    assert all(torch.equal(p, q) for p, q in zip(learner.params, params))  # perturbation undone, no step
+    assert _same_adam(_adam(learner), adam) and learner.step_count == 1
 
 
 def test_kl_starts_at_zero_and_reference_resets_bring_it_back(tiny_llama_dir):

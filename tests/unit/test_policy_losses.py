@@ -1,10 +1,12 @@
-"""The RL math on hand-made cases: advantages, the clipped surrogate, k3 KL and the GR finite difference."""
+"""The RL math on hand-made cases: advantages (non-finite scores left out), the clipped surrogate, k3 KL and the
+GR finite difference."""
 
 import pytest
 import torch
 
 from ray_crm.rl.policy_losses import (
     clipped_policy_loss,
+    finite_rows,
     gradient_regularized_grads,
     group_advantages,
     kl_to_reference,
@@ -22,6 +24,31 @@ def test_group_advantages_subtract_each_prompts_mean():
     tiny = group_advantages(rewards * 1e-3, whiten=True)
     assert torch.allclose(tiny, group_advantages(rewards, whiten=True), atol=1e-5)
     assert tiny.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_non_finite_score_leaves_its_row_out_and_the_other_groups_as_they_were():
+    nan, inf = float("nan"), float("inf")
+    reward = [1.0, 2.0, nan, 10.0, 10.0, 40.0, 5.0, 7.0, 9.0, nan, -inf, nan]
+    gold = [0.1] * 6 + [0.1, nan, 0.1] + [0.1] * 3  # a gold scorer's NaN leaves the row out too
+    valid, counts = finite_rows({"reward": reward, "gold_x": gold})
+    assert valid.tolist() == [True, True, False, True, True, True, True, False, True, False, False, False]
+    assert counts == {"reward": 4, "gold_x": 1}
+    rewards = torch.tensor(reward).view(4, 3)
+    adv = group_advantages(rewards, valid=valid.view(4, 3))
+    assert torch.isfinite(adv).all()
+    assert torch.equal(adv[0, :2], group_advantages(torch.tensor([[1.0, 2.0]]))[0])  # baseline of the valid two
+    assert torch.equal(adv[1], group_advantages(torch.tensor([[10.0, 10.0, 40.0]]))[0])  # untouched group
+    assert torch.equal(adv[2, [0, 2]], group_advantages(torch.tensor([[5.0, 9.0]]))[0])
+    assert adv[~valid.view(4, 3)].eq(0).all()  # left-out rows, and the group with none valid, add nothing
+    # whitening divides by the spread of the valid advantages only
+    whitened = group_advantages(rewards, whiten=True, valid=valid.view(4, 3))
+    kept = adv[valid.view(4, 3)]
+    assert torch.allclose(whitened[valid.view(4, 3)], kept / (kept.std() + 1e-8), rtol=0, atol=1e-7)
+    # without a mask, non-finite rewards are the rows left out
+    assert torch.equal(group_advantages(rewards)[1], adv[1]) and torch.isfinite(group_advantages(rewards)).all()
+    # a lone valid row is its own baseline: advantage 0, and whitening does not divide by a NaN std
+    lone = torch.tensor([[3.0, nan]])
+    assert group_advantages(lone, whiten=True).tolist() == [[0.0, 0.0]]
 
 
 def test_clipped_policy_loss_clips_only_past_the_trust_region():

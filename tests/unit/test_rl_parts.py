@@ -164,3 +164,25 @@ def test_vader_gold_scores_the_response_sentiment():
 
     good, bad = VaderScorer().score(["review it"] * 2, ["a wonderful, great film", "an awful, boring film"])
     assert good > 0.5 and bad < -0.5
+
+
+def test_a_rerun_resumes_only_under_the_same_learning_settings():
+    import yaml
+
+    from ray_crm.config import Config, dump_config, validate
+    from ray_crm.rl.grpo_trainer import changed_settings
+
+    old = Config().model_dump(mode="json")
+    assert changed_settings(yaml.safe_load(dump_config(Config())), old) == []  # the saved file reads back equal
+    new = validate({"ray": {"num_cpus": 7}, "name": "elsewhere",  # other sections: not the run's settings
+                    "rl": {"steps": 500, "lr": 1e-4, "lora": {"rank": 4, "alpha": 32}, "checkpoint_every": 9},
+                    "rollout": {"generate_timeout_s": 5000.0, "temperature": 1.0},
+                    "reward": {"gold": [{"name": "vader", "kind": "vader"}], "call_timeout_s": 9.0}})
+    assert changed_settings(old, new.model_dump(mode="json")) == [
+        "reward.gold", "rl.lora.rank", "rl.lr", "rollout.temperature"]
+    # asking for more steps (or waiting longer, checkpointing more often) resumes
+    more = validate({"rl": {"steps": 500, "checkpoint_every": 9}, "rollout": {"sync_timeout_s": 1.0}})
+    assert changed_settings(old, more.model_dump(mode="json")) == []
+    # a key the saved settings lack (a run from an older schema) counts as changed
+    del old["rl"]["clip_eps"]
+    assert changed_settings(old, Config().model_dump(mode="json")) == ["rl.clip_eps"]
