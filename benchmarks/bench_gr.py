@@ -5,7 +5,7 @@
 SmolLM2-135M-Instruct + LoRA (rank 16, q/v), 32 sequences of 35 prompt + 32 response tokens (random ids: the
 cost does not depend on the text), one micro-batch of 16 at a time, 2 torch threads; fp32, then bf16 autocast.
 Each configuration takes a warm-up step, then the regularizers' steps alternate `--rounds` times; the median
-counts. GR costs one extra forward and backward on the same batch (SPEC 3): the paper reports 2.5x on the policy
+counts. GR costs one extra forward and backward on the same batch: the paper reports 2.5x on the policy
 update (60 ms -> 150 ms), about 1% of a step dominated by generation.
 """
 

@@ -33,7 +33,7 @@ RESULTS = Path(__file__).parent / "results" / "mmd.json"
 def seed_penalty(rewards: torch.Tensor, bins: torch.Tensor, num_bins: int, sigma: float = 1.0) -> torch.Tensor:
     """The seed's code (causal_reward_models.txt): a Python double loop over bin pairs, one MMD per pair.
 
-    Only change: bins with < 2 samples are skipped (SPEC 2), so that both sides compute the same number.
+    Only change: bins with < 2 samples are skipped (as the library does), so that both sides compute the same number.
     """
 
     def rbf(a, b):

@@ -81,7 +81,7 @@ def _build_minilm(archive: Path, out: Path) -> None:
 
 
 def _build_smollm2(archive: Path, out: Path) -> None:
-    """Dequantize the Q4_1 GGUF to an fp32 HF folder (logits unchanged; SPEC section 4)."""
+    """Dequantize the Q4_1 GGUF to an fp32 HF folder (logits unchanged)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

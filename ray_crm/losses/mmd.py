@@ -1,4 +1,4 @@
-"""MMD between the bins of a spurious variable Z: the causal reward model's independence penalty (SPEC 2).
+"""MMD between the bins of a spurious variable Z: the causal reward model's independence penalty.
 
 Every bin pair is scored from one N x N kernel matrix: an `index_add` folds it into the M x M matrix of
 per-bin-pair kernel sums, from which all pairwise MMD^2 follow in closed form. The cost is O(N^2 + M^2) tensor
@@ -24,7 +24,7 @@ class MMDConfig:
         RBF kernels (robust when the reward scale drifts during training).
     unbiased: the U-statistic (within-bin terms skip i == j; can dip below 0) instead of the biased
         V-statistic (always >= 0, the seed's choice).
-    reduction: "sum" over bin pairs (SPEC 2: lambda * sum over pairs) or "mean" (what the seed's code does).
+    reduction: "sum" over bin pairs (the paper: lambda * sum over pairs) or "mean" (what the seed's code does).
     num_bins: bin ids lie in [0, num_bins); None infers max id + 1, at the price of a host sync.
     standardize: the penalty is s * MMD^2(standardized values), s the values' pooled spread taken as a constant.
         MMD^2 of the standardized values (centred, divided by s with gradient) is invariant to the reward

@@ -1,4 +1,4 @@
-"""Preference losses: Bradley-Terry, DPO / IPO, and their causal versions with the binned MMD penalty (SPEC 2).
+"""Preference losses: Bradley-Terry, DPO / IPO, and their causal versions with the binned MMD penalty.
 
 Every loss returns `(loss, metrics)`; metrics are detached tensors keyed for a logger ("loss/...", "reward/...",
 "mmd/..."), converted to floats only when logged so that a training step never waits on the device.

