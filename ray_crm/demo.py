@@ -59,13 +59,24 @@ def run_demo(cfg: Config) -> dict[str, Any]:
             _timed(results, f"train-rl/{label}", "train-rl", rl_cfg)
     (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
     results["summary"] = str(out / "summary.json")
-    for label in models:
-        r = results[f"train-rm/{label}"]
-        print(f"{label:8s} val_accuracy={r['val_accuracy']:.3f}  val_mmd={r['val_mmd']:.4f}  "
-              f"val_z_spearman={r.get('val_z_spearman', float('nan')):.3f}  model={r['model']}")
+    print(test_table(Path(results["eval"]["report"]), cfg.bench.names[0]))
+    print(f"report: {results['eval']['markdown']}; models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
     for label in models if cfg.rl.steps else ():
         print(f"GRPO on {label:8s} {rl_drift(Path(results[f'train-rl/{label}']['metrics']))}")
     return results
+
+
+def test_table(report: Path, bench: str) -> str:
+    """Each model's test accuracy and bias, the headline in reward-std units and its raw figure beside it."""
+    import pandas as pd
+
+    from ray_crm.eval.summaries import HEADLINES
+
+    headline = HEADLINES[bench][0]
+    keys = ["accuracy", headline, headline.removesuffix("_std"), "ci_gap_std", "reward_scale"]
+    results = json.loads(report.read_text())["results"]
+    rows = {m: {k: r[bench].get(k) for k in dict.fromkeys(keys)} for m, r in results.items()}
+    return f"test split, {bench} ({HEADLINES[bench][1]}):\n" + pd.DataFrame(rows).T.to_markdown(floatfmt=".3g")
 
 
 def rl_drift(metrics_csv: Path, k: int = 3) -> str:
