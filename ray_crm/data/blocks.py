@@ -74,11 +74,14 @@ def _normalize(record: dict[str, Any] | Issue, raw: str | None, file: InputFile,
 
 
 def parse_file(data: bytes, file: InputFile, cfg: DataConfig) -> Iterator[pa.Table]:
-    """Normalized rows of one input file, in tables of at most `cfg.block_rows` rows."""
+    """Normalized rows of one input file, in tables of at most `cfg.block_rows` rows; one row per record the
+    reader counted (so the pipeline's row count is the number of records read)."""
     carried = carried_columns(cfg)
     schema = normalized_schema(carried)
     rows: list[dict[str, Any]] = []
-    for line, record, raw in iter_records(data, file):
+    records, read = iter_records(data, file), 0
+    for line, record, raw in records:
+        read += 1
         row = _normalize(record, raw, file, cfg, carried)
         row.update(source_file=file.path, source_line=line, source_index=file.index)
         rows.append(row)
@@ -87,6 +90,8 @@ def parse_file(data: bytes, file: InputFile, cfg: DataConfig) -> Iterator[pa.Tab
             rows = []
     if rows:
         yield pa.Table.from_pylist(rows, schema)
+    if read != records.count:
+        raise RuntimeError(f"{file.path}: the reader counted {records.count} records but gave {read}")
 
 
 def _with_issues(table: pa.Table, issues: Mapping[int, Issue]) -> pa.Table:

@@ -19,7 +19,10 @@ from typing import Any
 from ray_crm.config import ColumnsConfig, SplitConfig
 
 REASONS = {
-    "malformed": "the record cannot be parsed (bad JSON line, wrong CSV field count, not an object)",
+    "malformed": "the record cannot be parsed (bad or too deeply nested JSON, wrong CSV field count, not an object)",
+    "unreadable": "a Parquet or Arrow row that cannot be decoded (a damaged page) or has no Python value",
+    "bad_file": "a file, or the rest of one, that cannot be read (a cut-off gzip stream, an unreadable Parquet "
+                "footer or Arrow stream); prepare stops and names it",
     "undecodable": "text that is not valid UTF-8",
     "missing_field": "a required field is absent or null",
     "empty_field": "a required text is empty or blank",
@@ -68,7 +71,10 @@ def as_text(value: Any, field: str) -> str | None | Issue:
     """A carried (keep / Z) column as text: strings as they are, other values as JSON, null as None."""
     if value is None or value is _MISSING:
         return None
-    text = value if isinstance(value, (str, bytes)) else json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        text = value if isinstance(value, (str, bytes)) else json.dumps(value, ensure_ascii=False, default=str)
+    except RecursionError:  # json.loads read it a few stack frames higher up
+        return Issue("malformed", field, f"field '{field}' is nested too deeply to copy")
     return to_text(text, field)
 
 

@@ -4,8 +4,12 @@
 Ray tasks do all per-row work (parse, validate, Z, tokenizer); the driver sees only small columns - pair ids to
 find duplicates, split/reason/Z to count, fit the bins and audit - never texts or token ids. The data is
 materialized twice: after parsing (so the duplicate set is known before the heavy pass and the rows can be
-re-split into `block_rows` blocks for parallel work; one input file is one read task) and after measuring
+re-split into `block_rows` blocks for parallel work; one input file is one task) and after measuring
 (so counting, quarantining and writing do not re-tokenize).
+
+A run holds a lock on its output folder and writes into a temporary sibling that replaces the previous output
+only once everything is written and the records read are all accounted for (kept + quarantined), so a failed
+or killed run leaves the previous output as it was (`ray_crm.data.outdir`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -34,6 +40,7 @@ from ray_crm.data.audit import audit, write_audit
 from ray_crm.data.binning import Binning, fit_binning
 from ray_crm.data.blocks import SIDES, bin_block, measure_block, parse_file, z_arrays
 from ray_crm.data.encode import load_encoder
+from ray_crm.data.outdir import output_lock, staged_output
 from ray_crm.data.pairs import SPLITS
 from ray_crm.data.readers import InputFile, expand_inputs
 from ray_crm.runtime import init_ray
@@ -46,12 +53,14 @@ QUARANTINE_COLUMNS = ["source_file", "source_line", "reason", "field", "detail",
 
 
 class PrepareError(RuntimeError):
-    """Input that cannot become a training set: too many bad rows, no train pairs, no input."""
+    """Input that cannot become a training set: too many bad rows, no train pairs, no input, an unreadable file."""
 
 
 def _parse_batch(batch: dict[str, np.ndarray], files: dict[str, InputFile], cfg: DataConfig) -> Iterator[pa.Table]:
-    for path, data in zip(batch["path"], batch["bytes"]):
-        yield from parse_file(data, files[str(Path(path).resolve())], cfg)
+    """The task's files read here, not by `read_binary_files`: it un-gzips by extension itself and fails the whole
+    job on a cut-off stream, where the reader keeps the records before the cut and names the file."""
+    for path in batch["path"]:
+        yield from parse_file(Path(path).read_bytes(), files[str(path)], cfg)
 
 
 def _collect(ds: ray.data.Dataset, columns: list[str]) -> pa.Table:
@@ -73,14 +82,34 @@ def find_duplicates(parsed: ray.data.Dataset, files: list[InputFile]) -> dict[tu
             for i, f in zip(np.flatnonzero(repeat), first[repeat])}
 
 
-def _write_quarantine(measured: ray.data.Dataset, path: Path, bad: int) -> None:
+def _check_readable(parsed: ray.data.Dataset) -> None:
+    """Stop at a file that cannot be read: how many records it held is unknown, so no bad-row fraction can
+    account for it."""
+    bad = _collect(parsed.filter(expr=col("reason") == "bad_file"), ["source_file", "source_line", "detail"])
+    if bad.num_rows:
+        where = "; ".join(f"{r['source_file']}:{r['source_line']}: {r['detail']}" for r in bad.to_pylist())
+        raise PrepareError(f"{bad.num_rows} input file(s) cannot be read; fix or remove them from data.paths: {where}")
+
+
+def _write_quarantine(measured: ray.data.Dataset, path: Path, bad: int) -> int:
     """Every bad row with its reason, field, file and line (streamed, so a large quarantine is fine; no pass
-    over the data at all when the summary counted no bad row)."""
+    over the data at all when the summary counted no bad row). Returns the number of rows written."""
+    written = 0
     with path.open("w", encoding="utf-8") as fh:
         if bad:
             rows = measured.filter(expr=col("reason").is_not_null()).select_columns(QUARANTINE_COLUMNS)
             for batch in rows.iter_batches(batch_format="pyarrow", batch_size=4096):
                 fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in batch.to_pylist())
+                written += batch.num_rows
+    return written
+
+
+def _check_accounted(records_read: int, kept: int, quarantined: int) -> None:
+    """Every record read is in a split or in the quarantine, once: counted from the files written, not from the
+    table they were written from."""
+    if records_read != kept + quarantined:
+        raise PrepareError(f"{records_read} records were read but {kept} kept + {quarantined} quarantined = "
+                           f"{kept + quarantined} were written; the output is not trusted")
 
 
 def _check_bad_fraction(summary: pa.Table, bad: int, cfg: DataConfig, quarantine: Path) -> dict[str, int]:
@@ -145,24 +174,21 @@ def _tokenizer(cfg: Config) -> dict[str, Any] | None:
             "max_length": cfg.model.max_length, "token_type_ids": enc.type_ids, "input_ids": data.tokenize}
 
 
-def _output_dir_and_inputs(cfg: Config) -> tuple[Path, list[InputFile]]:
-    """The output folder, cleared of an earlier run's outputs (never of an input), and the input files."""
-    data, out = cfg.data, cfg.prepared_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    files = None if data.vader else _input_files(data)  # listed before cleaning: an input is never deleted
-    owned = [out / name for name in OUTPUTS]
-    if clash := next((f.path for f in files or [] if any(Path(f.path).is_relative_to(o) for o in owned)), None):
-        raise PrepareError(f"input {clash} lies among the outputs of {out}; choose another data.output_dir")
-    for path in owned:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    if files is None:
+def _inputs(cfg: Config, out: Path, work: Path) -> dict[str, InputFile]:
+    """Input files by the path they are read from, each named by where it stays (VADER pairs are built into the
+    new output). An input inside `out` is refused: the whole folder is replaced."""
+    data = cfg.data
+    if data.vader:
         from ray_crm.data.vader import write_pairs
 
-        files = expand_inputs([str(write_pairs(data.vader, out / "inputs" / "vader_pairs.parquet"))])
-    return out, files
+        built = write_pairs(data.vader, work / "inputs" / "vader_pairs.parquet")
+        (file,) = expand_inputs([str(built)])
+        return {file.path: replace(file, path=str(out / "inputs" / built.name))}
+    files = _input_files(data)
+    if clash := next((f.path for f in files if Path(f.path).is_relative_to(out)), None):
+        raise PrepareError(f"input {clash} lies in the output folder {out}, which prepare replaces; choose another "
+                           "data.output_dir")
+    return {f.path: f for f in files}
 
 
 class _Clock:
@@ -179,21 +205,34 @@ class _Clock:
 
 
 def run_prepare(cfg: Config) -> dict[str, Any]:
-    """The stage: writes <out>/{train,validation,test}/ Parquet, quarantine.jsonl, audit.*, manifest.json."""
+    """The stage: writes <out>/{train,validation,test}/ Parquet, quarantine.jsonl, audit.*, manifest.json.
+
+    Under the lock of <out>, into a temporary sibling (.<name>.tmp) that replaces <out> only if the stage
+    succeeds; a failed run's outputs (its quarantine) stay in that sibling until the next run.
+    """
+    out = cfg.prepared_dir()
+    with output_lock(out), staged_output(out, OUTPUTS) as work:
+        return _prepare(cfg, out, work)
+
+
+def _prepare(cfg: Config, out: Path, work: Path) -> dict[str, Any]:
+    """The stage's work, written into `work`; paths recorded in the outputs name `out`, where they will be."""
     data = cfg.data
     clock = _Clock()
-    out, files = _output_dir_and_inputs(cfg)
+    files = _inputs(cfg, out, work)
     tokenizer = _tokenizer(cfg)
     init_ray(cfg.ray)
-    clock.lap("start")  # clear outputs, inputs, tokenizer, Ray
+    clock.lap("start")  # inputs, tokenizer, Ray
 
-    parsed = ray.data.read_binary_files([f.path for f in files], include_paths=True).map_batches(
-        _parse_batch, batch_size=1, batch_format="numpy", fn_kwargs={"files": {f.path: f for f in files}, "cfg": data}
+    parsed = ray.data.from_items([{"path": p} for p in files], override_num_blocks=len(files)).map_batches(
+        _parse_batch, batch_size=1, batch_format="numpy", fn_kwargs={"files": files, "cfg": data}
     ).materialize()
+    records_read = parsed.count()  # parse_file gives one row per record each file was counted to hold
+    _check_readable(parsed)
     clock.lap("read_validate")
-    duplicates = find_duplicates(parsed, files) if data.validation.deduplicate else {}
+    duplicates = find_duplicates(parsed, list(files.values())) if data.validation.deduplicate else {}
     clock.lap("duplicates")
-    measured = parsed.repartition(max(1, math.ceil(parsed.count() / data.block_rows))).map_batches(
+    measured = parsed.repartition(max(1, math.ceil(records_read / data.block_rows))).map_batches(
         measure_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"cfg": data, "tokenizer": tokenizer and tokenizer["path"], "max_length": cfg.model.max_length,
                    "duplicates": duplicates},
@@ -203,9 +242,9 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     names = [s.name for s in data.spurious]
     z_columns = [f"z_{n}_{side}" for side in SIDES for n in names]
     summary = _collect(measured, ["split", "reason", "truncated", *z_columns])
-    quarantine = out / QUARANTINE
+    quarantine = work / QUARANTINE
     bad = int(pc.sum(pc.is_valid(summary["reason"])).as_py() or 0)
-    _write_quarantine(measured, quarantine, bad)
+    quarantined = _write_quarantine(measured, quarantine, bad)
     by_reason = _check_bad_fraction(summary, bad, data, quarantine)
     clock.lap("quarantine")
 
@@ -221,11 +260,13 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     measured.filter(expr=col("reason").is_null()).map_batches(
         bin_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"binning": binning.to_dict(), "stratify_on": data.binning.stratify_on},
-    ).write_parquet(str(out / STAGING), partition_cols=["split"])
+    ).write_parquet(str(work / STAGING), partition_cols=["split"])
     for split in SPLITS:
-        if (out / STAGING / f"split={split}").is_dir():
-            (out / STAGING / f"split={split}").rename(out / split)
-    shutil.rmtree(out / STAGING)
+        if (work / STAGING / f"split={split}").is_dir():
+            (work / STAGING / f"split={split}").rename(work / split)
+    shutil.rmtree(work / STAGING)
+    kept = sum(pads.dataset(work / s, format="parquet").count_rows() for s in SPLITS if (work / s).is_dir())
+    _check_accounted(records_read, kept, quarantined)
     clock.lap("bin_write")
 
     train_pooled = np.add(splits["train"]["bins_chosen"], splits["train"]["bins_rejected"])
@@ -239,11 +280,11 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     zc, zr = z_arrays(train, names, "chosen"), z_arrays(train, names, "rejected")
     report = audit(zc, zr, binning.apply_each(zc), binning.apply_each(zr),
                    dict(zip(names, binning.sizes)), {s.name: s.continuous for s in data.spurious})
-    audit_paths = write_audit(report, zc, zr, out)
+    audit_paths = {kind: str(out / Path(p).name) for kind, p in write_audit(report, zc, zr, work).items()}
     clock.lap("audit")
 
-    inputs = [{"path": f.path, "format": f.format, "split": f.split, "bytes": Path(f.path).stat().st_size,
-               "sha256": sha256_file(f.path)} for f in files]
+    inputs = [{"path": f.path, "format": f.format, "split": f.split, "bytes": Path(read).stat().st_size,
+               "sha256": sha256_file(read)} for read, f in files.items()]
     clock.lap("hash_inputs")
     manifest = {
         "format_version": 1,
@@ -254,23 +295,24 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         "bin_labels": [binning.label(b) for b in range(binning.num_bins)],
         "spurious": [s.model_dump(mode="json") for s in data.spurious],
         "stratify_on": data.binning.stratify_on,
-        "rows": {"read": summary.num_rows, "good": good.num_rows, "bad": bad},
+        "rows": {"records_read": records_read, "kept": kept, "quarantined": quarantined},
         "splits": splits,
         "small_bins": small,
         "empty_bins": int(np.sum(train_pooled == 0)),
-        "quarantine": {"count": bad, "path": str(quarantine), "by_reason": by_reason},
+        "quarantine": {"count": quarantined, "path": str(out / QUARANTINE), "by_reason": by_reason},
         "duplicates": len(duplicates),
         "tokenizer": tokenizer,
-        "columns": pq.ParquetDataset(out / "train").schema.names,
+        "columns": pq.ParquetDataset(work / "train").schema.names,
         "inputs": inputs,
         "audit": audit_paths,
         "versions": _versions(),
         "data_config": data.model_dump(mode="json"),
         "stage_seconds": clock.seconds,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return {"output_dir": str(out), "manifest": str(out / MANIFEST), "pairs": {s: v["pairs"] for s, v in splits.items()},
-            "quarantined": bad, "num_bins": binning.num_bins, "audit": {n: r["signal"] for n, r in report.items()}}
+            "quarantined": quarantined, "num_bins": binning.num_bins,
+            "audit": {n: r["signal"] for n, r in report.items()}}
 
 
 def load_manifest(stage_dir: str | Path) -> dict[str, Any]:

@@ -1,12 +1,15 @@
-"""`ray-crm prepare` on real Ray: a malformed multi-format input, the bad-fraction gate, and VADER pairs.
+"""`ray-crm prepare` on real Ray: a malformed multi-format input, the bad-fraction gate, an unreadable file, and
+VADER pairs.
 
 The malformed input holds one row of every kind of problem; the test checks that the quarantine holds each
 of them with its reason, file and line, that every good row arrives in exactly one split, and that the bins
-fitted on train reproduce the stored bin ids when re-applied to the test split.
+fitted on train reproduce the stored bin ids when re-applied to the test split. Failed runs must leave the
+previous output as it was.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -39,7 +42,8 @@ def good_rows(n: int, seed: int, splits=("train",) * 6 + ("validation", "test"))
 
 
 def write_messy_inputs(root: Path) -> tuple[list[dict], set[tuple[str, int, str]]]:
-    """Files in four formats; returns the good rows and the (file, line, reason) of every bad row."""
+    """JSONL, gzipped JSONL, CSV and Parquet inputs; returns the good rows and the (file, line, reason) of every
+    bad row."""
     good, bad = [], set()
     lines: list[bytes] = []
 
@@ -80,6 +84,10 @@ def write_messy_inputs(root: Path) -> tuple[list[dict], set[tuple[str, int, str]
     pq_good = good_rows(20, seed=3)
     pq.write_table(pa.Table.from_pylist(pq_good), root / "part.parquet")
     good += pq_good
+
+    gz_good = good_rows(10, seed=5)
+    (root / "part.jsonl.gz").write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in gz_good)))
+    good += gz_good
     return good, bad
 
 
@@ -89,7 +97,8 @@ def messy_config(root: Path, tiny_bert_dir: Path, **data) -> dict:
         "output_dir": str(root / "out"),
         "model": {"name": str(tiny_bert_dir), "max_length": 64},
         "data": {
-            "paths": [str(root / "messy.jsonl"), str(root / "part.csv"), str(root / "part.parquet")],
+            "paths": [str(root / "messy.jsonl"), str(root / "part.csv"), str(root / "part.parquet"),
+                      str(root / "part.jsonl.gz")],
             "columns": {"split": "split", "keep": ["topic"]},
             "validation": {"max_bad_fraction": 0.5, "on_overlong": "quarantine"},
             "spurious": [{"name": "length", "kind": "length", "unit": "tokens", "bins": 3},
@@ -138,7 +147,7 @@ def test_every_good_row_arrives_once_in_its_split(messy):
 
 
 def test_output_contract_and_manifest(messy):
-    _, bad, result, _ = messy
+    good, bad, result, _ = messy
     out = Path(result["output_dir"])
     table = read_prepared_table(out, "train")
     for name in ("pair_id", "prompt", "chosen", "rejected", "chosen_input_ids", "rejected_input_ids",
@@ -154,9 +163,11 @@ def test_output_contract_and_manifest(messy):
         assert ids.min() >= 0 and ids.max() < manifest["num_bins"]
     assert max(len(x) for x in table["chosen_input_ids"].to_pylist()) <= 64
     assert manifest["num_bins"] == Binning.from_dict(manifest["binning"]).num_bins
-    assert manifest["quarantine"]["count"] == len(bad) and manifest["rows"]["read"] == manifest["rows"]["good"] + len(bad)
+    assert manifest["rows"] == {"records_read": len(good) + len(bad), "kept": len(good), "quarantined": len(bad)}
+    assert manifest["quarantine"]["count"] == len(bad)
     assert sum(manifest["splits"]["train"]["bins_chosen"]) == manifest["splits"]["train"]["pairs"] == table.num_rows
-    assert {i["path"].rsplit("/", 1)[1] for i in manifest["inputs"]} == {"messy.jsonl", "part.csv", "part.parquet"}
+    assert {i["path"].rsplit("/", 1)[1] for i in manifest["inputs"]} == {"messy.jsonl", "part.csv", "part.parquet",
+                                                                         "part.jsonl.gz"}
     assert all(len(i["sha256"]) == 64 for i in manifest["inputs"])
     assert manifest["tokenizer"]["mode"] == "text_pair" and manifest["versions"]["ray"]
     assert set(json.loads((out / "audit.json").read_text())) == {"length", "topic"}
@@ -195,8 +206,23 @@ def test_too_many_bad_rows_fail_with_file_line_and_field(tmp_path, tiny_bert_dir
     with pytest.raises(PrepareError) as err:
         run_prepare(cfg)
     message = str(err.value)
-    assert "max_bad_fraction=0.05" in message and "messy.jsonl:" in message and "quarantine.jsonl" in message
-    assert (tmp_path / "out" / "messy" / "prepare" / "quarantine.jsonl").stat().st_size > 0
+    assert "max_bad_fraction=0.05" in message and "messy.jsonl:" in message
+    quarantine = tmp_path / "out" / "messy" / ".prepare.tmp" / "quarantine.jsonl"  # the failed run's folder
+    assert str(quarantine) in message and quarantine.stat().st_size > 0
+    assert not (tmp_path / "out" / "messy" / "prepare").exists()  # nothing half-written where trainers read
+
+
+def test_an_unreadable_file_stops_prepare_and_the_previous_output_stays(messy, tmp_path):
+    _, _, result, cfg = messy
+    out = Path(result["output_dir"])
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    whole = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in good_rows(400, seed=4)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    broken = cfg.model_dump(mode="json")
+    broken["data"]["paths"].append(str(tmp_path / "cut.jsonl.gz"))
+    with pytest.raises(PrepareError, match=r"1 input file\(s\) cannot be read.*cut\.jsonl\.gz:\d+: the gzip stream"):
+        run_prepare(validate(broken))
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
 def test_cli_prepare_on_vader_pairs(tmp_path, tiny_bert_dir, ray_local, capsys):

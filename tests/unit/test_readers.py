@@ -1,7 +1,9 @@
-"""Formats, column mapping and per-record validation: every bad record becomes an Issue with its line."""
+"""Formats, column mapping and per-record validation: every bad record becomes an Issue with its line, and every
+reader counts what a file holds (random damage is fuzzed in test_reader_fuzz.py)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -9,16 +11,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_crm.config import ColumnsConfig, SplitConfig
-from ray_crm.data.pairs import Issue, hash_split, pair_id, parse_split, to_pair
-from ray_crm.data.readers import expand_inputs, iter_records
+from ray_crm.config import ColumnsConfig, DataConfig, SplitConfig
+from ray_crm.data import blocks
+from ray_crm.data.pairs import Issue, as_text, hash_split, pair_id, parse_split, to_pair
+from ray_crm.data.readers import InputFile, expand_inputs, iter_records
 
 COLS = ColumnsConfig()
+PAIR = {"prompt": "q", "chosen": "a", "rejected": "b"}
 
 
 def records(path: Path) -> list:
+    """The file's records, checked to be as many as its reader counted."""
     (file,) = expand_inputs([str(path)])
-    return list(iter_records(path.read_bytes(), file))
+    got = iter_records(path.read_bytes(), file)
+    out = list(got)
+    assert len(out) == got.count
+    return out
+
+
+def reasons(got: list) -> list:
+    return [(line, r.reason if isinstance(r, Issue) else "ok") for line, r, _ in got]
 
 
 def test_plain_pairs_and_field_checks():
@@ -134,8 +146,107 @@ def test_expand_inputs_globs_folders_splits_and_errors(tmp_path):
 
 
 def test_gzip_jsonl(tmp_path):
-    import gzip
-
     path = tmp_path / "d.jsonl.gz"
-    path.write_bytes(gzip.compress(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}).encode()))
+    path.write_bytes(gzip.compress(json.dumps(PAIR).encode()))
     assert records(path)[0][1]["rejected"] == "b"
+
+
+def test_a_cut_gzip_keeps_the_records_before_the_cut_and_reports_the_cut(tmp_path):
+    lines = b"".join(json.dumps({**PAIR, "prompt": "x" * 40 + str(i)}).encode() + b"\n" for i in range(2000))
+    whole = gzip.compress(lines)
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    got = records(path)
+    *kept, (cut_line, cut, raw) = got
+    assert kept and all(isinstance(r, dict) for _, r, _ in kept) and len(kept) < 2000
+    assert [line for line, _, _ in kept] == list(range(1, len(kept) + 1))
+    assert (cut_line, cut.reason) == (len(kept) + 1, "bad_file") and "gzip stream breaks off" in cut.detail
+    assert lines.decode().splitlines()[len(kept)].startswith(raw)  # the partial line is the cut's raw text
+    path.write_bytes(lines)  # not gzip at all
+    assert reasons(records(path)) == [(1, "bad_file")]
+
+
+def test_deep_nesting_and_huge_integers_are_malformed_records(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"[" * 100_000 + b"\n" + b'{"prompt": 1' + b"0" * 5000 + b"}\n" + json.dumps(PAIR).encode())
+    got = records(path)
+    assert reasons(got) == [(1, "malformed"), (2, "malformed"), (3, "ok")]
+    assert "nested too deeply" in got[0][1].detail and "digits" in got[1][1].detail
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert as_text(deep, "meta") == Issue("malformed", "meta", "field 'meta' is nested too deeply to copy")
+
+
+def test_a_csv_field_over_128_kib_is_read(tmp_path):
+    path = tmp_path / "d.csv"
+    long = "word " * 60_000
+    path.write_bytes(f'prompt,chosen,rejected\nq,"{long}",b\nq,a,b\n'.encode())
+    got = records(path)
+    assert reasons(got) == [(2, "ok"), (3, "ok")] and got[0][1]["chosen"] == long
+
+
+def write_parquet(path: Path, table: pa.Table, **kwargs) -> bytes:
+    pq.write_table(table, path, **kwargs)
+    return path.read_bytes()
+
+
+def test_a_damaged_parquet_page_quarantines_the_rows_of_its_row_group_only(tmp_path):
+    path = tmp_path / "d.parquet"
+    table = pa.table({"prompt": [f"q{i}" for i in range(6)], "chosen": ["a"] * 6, "rejected": ["b"] * 6})
+    data = bytearray(write_parquet(path, table, row_group_size=2, compression="none", write_page_checksum=True))
+    meta = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = meta.data_page_offset + 20  # inside row group 1's first data page, past its header
+    data[start: start + 4] = b"\xde\xad\xbe\xef"
+    path.write_bytes(bytes(data))
+    got = records(path)
+    assert reasons(got) == [(1, "ok"), (2, "ok"), (3, "unreadable"), (4, "unreadable"), (5, "ok"), (6, "ok")]
+    assert "row group 1" in got[2][1].detail
+    path.write_bytes(bytes(data[:-10]))  # no footer: the file cannot be read, nor its rows counted
+    got = records(path)
+    assert reasons(got) == [(0, "bad_file")] and "not a readable Parquet file" in got[0][1].detail
+
+
+def test_a_parquet_footer_whose_row_counts_disagree_is_a_bad_file(tmp_path):
+    path = tmp_path / "d.parquet"
+    data = write_parquet(path, pa.table({"prompt": [f"q{i}" for i in range(6)]}), row_group_size=2)
+    start = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    for at in range(start, len(data) - 8):  # the first footer byte whose change makes a row count negative
+        path.write_bytes(data[:at] + b"\x7f" + data[at + 1:])
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, ValueError):
+            continue
+        if any(meta.row_group(g).num_rows < 0 for g in range(meta.num_row_groups)):
+            break
+    else:
+        pytest.fail("no footer byte makes a row count negative")
+    got = records(path)
+    assert reasons(got) == [(0, "bad_file")] and "row counts disagree" in got[0][1].detail
+
+
+def test_a_parquet_value_python_cannot_hold_quarantines_its_row(tmp_path):
+    path = tmp_path / "d.parquet"
+    write_parquet(path, pa.table({"prompt": ["q", "r"], "when": pa.array([0, 2**30], pa.date32())}))
+    got = records(path)
+    assert reasons(got) == [(1, "ok"), (2, "unreadable")] and got[0][1]["prompt"] == "q"
+
+
+def test_a_cut_arrow_stream_keeps_the_batches_before_the_cut(tmp_path):
+    sink = pa.BufferOutputStream()
+    table = pa.table({"prompt": [f"q{i}" for i in range(6)], "chosen": ["a"] * 6, "rejected": ["b"] * 6})
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    data = sink.getvalue().to_pybytes()
+    file = InputFile("d.arrow", "hf", None, 0)
+    got = iter_records(data[: len(data) - 200], file)
+    assert reasons(list(got)) == [(1, "ok"), (2, "ok"), (3, "ok"), (4, "ok"), (5, "bad_file")] and got.count == 5
+
+
+def test_parse_file_fails_naming_the_counts_if_a_reader_loses_a_record(monkeypatch):
+    class Lossy(list):
+        count = 2
+
+    monkeypatch.setattr(blocks, "iter_records", lambda data, file: Lossy([(1, dict(PAIR), None)]))
+    with pytest.raises(RuntimeError, match="d.jsonl: the reader counted 2 records but gave 1"):
+        list(blocks.parse_file(b"", InputFile("d.jsonl", "jsonl", None, 0), DataConfig()))
