@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--max-accuracy-drop", type=float, default=0.02)
     p.add_argument("--out", default=None, help="default: benchmarks/results/crm_<bench>.json")
     p.add_argument("--render", action="store_true", help="only print the Markdown table of an existing result file")
+    p.add_argument("--no-sweep", action="store_true", help="use the models the sweep has exported so far")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a dotted config override for every model, e.g. --set train.lr=1e-4 (repeatable)")
     args = p.parse_args()
@@ -122,7 +123,8 @@ def main() -> None:
                              "sweep.metric=val_balanced_accuracy", "sweep.bias_metric=val_ci_gap_std",
                              f"output_dir={Path(cfg.output_dir).resolve()}",
                              "sweep.resume=true"])
-    run_stage("sweep", sweep_cfg)
+    if not args.no_sweep:
+        run_stage("sweep", sweep_cfg)
 
     rows = []
     for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}-*/train-rm/*/export/model_card.json")):
@@ -133,10 +135,13 @@ def main() -> None:
         rows.append({"lambda": c["loss"]["lambda_mmd"], "seed": c["train"]["seed"], "model": str(card_path.parent / "merged"),
                      **{k: card["metrics"][k] for k in ("val_accuracy", "val_balanced_accuracy", "val_ci_gap_std",
                                                         "val_reward_std", "step")}})
-    missing = {(lam, s) for lam in grid for s in args.seeds} - {(r["lambda"], r["seed"]) for r in rows}
-    if missing:
-        sys.exit(f"models missing for (lambda, seed) {sorted(missing)}: rerun to resume the sweep")
-    chosen = choose_lambda(rows, args.max_accuracy_drop)
+    missing = sorted({(lam, s) for lam in grid for s in args.seeds} - {(r["lambda"], r["seed"]) for r in rows})
+    if missing and not args.no_sweep:
+        sys.exit(f"models missing for (lambda, seed) {missing}: rerun to resume the sweep")
+    complete = [lam for lam in grid if all((lam, s) not in missing for s in args.seeds)]
+    if 0.0 not in complete or len(complete) < 2:
+        sys.exit(f"no lambda > 0 has a model for every seed besides vanilla (missing: {missing})")
+    chosen = choose_lambda([r for r in rows if r["lambda"] in complete], args.max_accuracy_drop)
 
     labels = {f"l{r['lambda']:g}-s{r['seed']}": r for r in rows}
     models = [f"{label}={r['model']}" for label, r in labels.items()]
@@ -148,7 +153,7 @@ def main() -> None:
         r["test"] = {k: res[k] for k in ("accuracy", headline, *beside, "reward_scale")}
 
     def test_values(lam: float, key: str) -> list[float]:
-        return [labels[f"l{lam:g}-s{s}"]["test"][key] for s in args.seeds]
+        return [labels[f"l{lam:g}-s{s}"]["test"][key] for s in args.seeds if f"l{lam:g}-s{s}" in labels]
 
     per_lambda = {f"{lam:g}": {k: {**mean_se(test_values(lam, k)), "values": test_values(lam, k)}
                                for k in ("accuracy", headline, *beside, "reward_scale")} for lam in grid}
@@ -164,6 +169,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/crm_seeds.py", *sys.argv[1:]]),
         "selection": f"lowest mean val_ci_gap_std within {args.max_accuracy_drop:g} of the best mean val_balanced_accuracy",
         "chosen_lambda": chosen, "headline": headline, "cuts": cuts,
+        "missing": [{"lambda": lam, "seed": s} for lam, s in missing],  # trials not run: never chosen, reported as run
         "accuracy_change": {**mean_se(acc_gain), "ci95": interval(acc_gain), "values": acc_gain},
         "spread_ratio": {**mean_se(spread), "values": spread},
         "per_lambda": per_lambda, "models": rows,
