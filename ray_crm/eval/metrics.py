@@ -29,6 +29,14 @@ def _balanced_accuracy(correct: np.ndarray, label: np.ndarray) -> float:
     return float(np.mean([correct[label == v].mean() for v in np.unique(label)]))
 
 
+def z_balanced_accuracy(r_chosen: ArrayLike, r_rejected: ArrayLike, bin_chosen: ArrayLike, bin_rejected: ArrayLike) -> float:
+    """Accuracy averaged over the pairs whose chosen response lies in a higher, the same or a lower bin of Z than
+    the rejected one: a Z shortcut wins one group and loses the other, so it earns nothing here and a sweep can
+    rank models by it on a biased validation split."""
+    correct = np.asarray(r_chosen) > np.asarray(r_rejected)
+    return _balanced_accuracy(correct, np.sign(np.asarray(bin_chosen) - np.asarray(bin_rejected)))
+
+
 def concept_bias(correct: ArrayLike, label: ArrayLike, has_concept: ArrayLike) -> dict[str, float]:
     """Bias@C, its two Deltas, Acc@C and Acc@NoC (all x100), as the causal RM paper defines them.
 

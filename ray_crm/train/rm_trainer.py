@@ -23,7 +23,7 @@ import torch
 
 from ray_crm.config import Config
 from ray_crm.data.sampler import StratifiedBatchSampler
-from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman
+from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman, z_balanced_accuracy
 from ray_crm.losses import MMDConfig, crm_loss, gather_global
 from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, pad_sequences, score
 from ray_crm.runtime import init_ray, set_threads
@@ -134,7 +134,7 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
         "val_bt_loss": float(metrics["loss/preference"]),
         "val_mmd": float(metrics["mmd/penalty"]),
         "val_reward_std": float(flat.std()),
-        "val_balanced_accuracy": balanced_accuracy(scores, rows["bin_chosen"], rows["bin_rejected"]),
+        "val_balanced_accuracy": z_balanced_accuracy(scores[:, 0], scores[:, 1], rows["bin_chosen"], rows["bin_rejected"]),
         "val_pairs": total,
     }
     summary.update(z_correlations(cfg, rows, scores))
@@ -143,15 +143,6 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
         gap, scale = invariance_gap(rewards, twins["twin"]), twin_scale(rewards, twins["twin"])
         summary.update(val_ci_gap=gap, val_ci_gap_std=gap / scale if scale > 0 else float("inf"))
     return summary, scores
-
-
-def balanced_accuracy(scores: np.ndarray, bin_chosen: np.ndarray, bin_rejected: np.ndarray) -> float:
-    """Accuracy averaged over the pairs whose chosen response lies in a higher, the same or a lower bin of Z than
-    the rejected one: the split's Z shortcut earns nothing here (it wins one group and loses the other), so a
-    sweep can rank models by it on a biased validation split."""
-    side = np.sign(np.asarray(bin_chosen) - np.asarray(bin_rejected))
-    correct = scores[:, 0] > scores[:, 1]
-    return float(np.mean([correct[side == s].mean() for s in np.unique(side)]))
 
 
 def encode_twins(cfg: Config) -> dict[str, Any] | None:

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from ray_crm.config import load_config
+from ray_crm.eval.metrics import z_balanced_accuracy
 from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size
-from ray_crm.train.rm_trainer import balanced_accuracy, run_name
+from ray_crm.train.rm_trainer import run_name
 
 
 def test_deepspeed_config_follows_the_typed_config():
@@ -41,11 +42,11 @@ def test_balanced_accuracy_gives_a_z_shortcut_nothing():
     z_rejected = (rng.random(n) < 0.2).astype(int)
     shortcut = np.stack([z_chosen + 1e-3 * rng.random(n), z_rejected + 1e-3 * rng.random(n)], 1)
     assert (shortcut[:, 0] > shortcut[:, 1]).mean() > 0.75
-    assert balanced_accuracy(shortcut, z_chosen, z_rejected) == pytest.approx(0.5, abs=0.03)
+    assert z_balanced_accuracy(shortcut[:, 0], shortcut[:, 1], z_chosen, z_rejected) == pytest.approx(0.5, abs=0.03)
     content = np.stack([np.ones(n), np.zeros(n)], 1)
     content[: n // 4] = content[: n // 4, ::-1]  # wrong on a quarter of the pairs, whatever Z
     order = rng.permutation(n)
-    assert balanced_accuracy(content[order], z_chosen, z_rejected) == pytest.approx(0.75, abs=0.05)
+    assert z_balanced_accuracy(content[order][:, 0], content[order][:, 1], z_chosen, z_rejected) == pytest.approx(0.75, abs=0.05)
 
 
 def test_pairs_score_identically_alone_and_padded_in_a_batch(tiny_bert_dir):
