@@ -71,6 +71,21 @@ def choose_lambda(rows: list[dict], drop: float) -> float:
     return min(ok, key=lambda lam: ok[lam]["val_ci_gap_std"])
 
 
+def same_training(card_config: dict, cfg) -> bool:
+    """Whether a model card's run was trained as `cfg` trains, but for its lambda and seed (sweeps of other
+    settings share the output folder)."""
+    want = cfg.model_dump(mode="json")
+    for section in ("model", "train", "data"):
+        a, b = dict(card_config.get(section, {})), dict(want[section])
+        for drop in ("seed", "max_failures", "twins", "output_dir"):
+            a.pop(drop, None)
+            b.pop(drop, None)
+        if a != b:
+            return False
+    return {k: v for k, v in card_config["loss"].items() if k != "lambda_mmd"} == \
+        {k: v for k, v in want["loss"].items() if k != "lambda_mmd"}
+
+
 def markdown(result: dict) -> str:
     """The table of a result file: every lambda's test figures as mean +- se over seeds, then the chosen one's cuts."""
     headline, beside = FIGURES[result["bench"]]
@@ -100,6 +115,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default: benchmarks/results/crm_<bench>.json")
     p.add_argument("--render", action="store_true", help="only print the Markdown table of an existing result file")
     p.add_argument("--no-sweep", action="store_true", help="use the models the sweep has exported so far")
+    p.add_argument("--experiment", default="", metavar="SUFFIX",
+                   help="run the sweep as crm_<bench>SUFFIX, e.g. to add seeds to an earlier sweep (Tune cannot grow "
+                        "a finished grid); the report uses the models of every crm_<bench>* sweep trained as this one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a dotted config override for every model, e.g. --set train.lr=1e-4 (repeatable)")
     args = p.parse_args()
@@ -111,7 +129,7 @@ def main() -> None:
         return
     config = ROOT / "configs" / f"bench_{args.bench}.yaml"
     prepared = load_config(config).prepared_dir()  # shared with `ray-crm prepare --config` of the benchmark
-    base = [f"name={name}", f"data.output_dir={prepared}", *args.overrides]
+    base = [f"name={name}{args.experiment}", f"data.output_dir={prepared}", *args.overrides]
     cfg = load_config(config, base)
     run_stage("bench", cfg)
     if not (prepared / "manifest.json").is_file():
@@ -126,12 +144,15 @@ def main() -> None:
     if not args.no_sweep:
         run_stage("sweep", sweep_cfg)
 
-    rows = []
-    for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}-*/train-rm/*/export/model_card.json")):
+    rows, seen = [], set()
+    for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}*-*/train-rm/*/export/model_card.json")):
         card = json.loads(card_path.read_text())
         c = card["config"]
-        if c["loss"]["variant"] != args.variant or c["loss"]["lambda_mmd"] not in grid or c["train"]["seed"] not in args.seeds:
+        key = (c["loss"]["lambda_mmd"], c["train"]["seed"])
+        if (c["loss"]["variant"] != args.variant or key[0] not in grid or key[1] not in args.seeds or key in seen
+                or not same_training(c, sweep_cfg)):
             continue
+        seen.add(key)
         rows.append({"lambda": c["loss"]["lambda_mmd"], "seed": c["train"]["seed"], "model": str(card_path.parent / "merged"),
                      **{k: card["metrics"][k] for k in ("val_accuracy", "val_balanced_accuracy", "val_ci_gap_std",
                                                         "val_reward_std", "step")}})
