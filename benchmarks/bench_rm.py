@@ -25,9 +25,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ray_crm.config import load_config
+from ray_crm.config import load_config, run_name
 from ray_crm.data.pipeline import read_prepared_table, run_prepare
-from ray_crm.train.rm_trainer import run_name, run_train_rm
+from ray_crm.train.rm_trainer import run_train_rm
 
 RESULTS = Path(__file__).parent / "results" / "rm.json"
 WARMUP = 5

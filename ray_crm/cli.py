@@ -1,4 +1,4 @@
-"""`ray-crm`: parse, load the config, call a stage. Nothing else lives here."""
+"""`ray-crm` and the jobs/ entrypoints: parse, load the config, call a stage. Nothing else lives here."""
 
 from __future__ import annotations
 
@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     result = run_stage(args.command, cfg)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def run_job(stage: str, argv: list[str]) -> int:
+    """Entry of jobs/<stage>.py: the stage's own CLI, given the config file that `submit` shipped, if any."""
+    path = jobs_client.shipped_config_path()
+    return main([stage, *(["--config", str(path)] if path else []), *argv])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ are rejected with the dotted key and, for typos, the closest valid key.
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -15,8 +18,6 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-
-from ray_crm.train.metric_names import validation_metric_names
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,27 @@ class Section(BaseModel):
     .nan/.inf would otherwise pass every bound check and fail, if at all, deep inside a run)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
+
+def _off_default(section: BaseModel, name: str) -> bool:
+    """Whether the config sets `name` to other than its default: being set is not enough, as a dumped config
+    repeats every default."""
+    default = type(section).model_fields[name].get_default(call_default_factory=True)
+    return name in section.model_fields_set and getattr(section, name) != default
+
+
+def _reject_unused(section: BaseModel, unused: dict[str, str]) -> None:
+    """Fail naming each dotted key of `unused` that `section` sets off its default, with why the chosen type
+    ignores it: a setting that does nothing is a mistake (a typo'd type, a forgotten switch), not a no-op."""
+    errors = []
+    for key, why in unused.items():
+        *path, name = key.split(".")
+        owner = functools.reduce(getattr, path, section)
+        if _off_default(owner, name):
+            errors.append({"type": PydanticCustomError("unused_setting", "{why}", {"why": why}),
+                           "loc": tuple(key.split(".")), "input": getattr(owner, name)})
+    if errors:  # not ValueError: the error keeps the key of the field
+        raise ValidationError.from_exception_data(type(section).__name__, errors)
 
 
 class RayConfig(Section):
@@ -83,6 +105,14 @@ class LossConfig(Section):
     lambda_mmd: float = Field(0.0, ge=0.0)
     mmd: MMDConfig = Field(default_factory=MMDConfig)
 
+    @model_validator(mode="after")
+    def _bt_has_no_penalty(self) -> LossConfig:
+        """bt still reads variant and mmd's kernel: they define the val_mmd it reports."""
+        if self.type == "bt":
+            _reject_unused(self, {"lambda_mmd": "loss.type=bt trains without the MMD penalty; set loss.type=crm",
+                                  "mmd.on": "loss.type=bt puts no penalty on representations; set loss.type=crm"})
+        return self
+
 
 class TrainConfig(Section):
     """Ray Train + DeepSpeed settings. Batch sizes are global (summed over workers) in pairs."""
@@ -104,6 +134,12 @@ class TrainConfig(Section):
     checkpoint_metric: str = "val_accuracy"
     max_failures: int = Field(1, ge=0)
     seed: int = Field(0, ge=0)  # every seed is >= 0: numpy's generators refuse negative ones
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainConfig:
+        if self.zero_stage == 0:
+            _reject_unused(self, {"offload": "ZeRO stage 0 has no sharded state to offload; set train.zero_stage>=1"})
+        return self
 
 
 class RolloutConfig(Section):
@@ -161,6 +197,8 @@ class GoldScorerConfig(Section):
     def _has_model(self) -> GoldScorerConfig:
         if self.kind == "reward_model" and self.model is None:
             raise ValueError(f"gold scorer '{self.name}' of kind reward_model needs a model")
+        if self.kind == "vader":
+            _reject_unused(self, {"model": "kind vader is a lexicon rule and reads no model"})
         return self
 
 
@@ -191,6 +229,17 @@ class RewardConfig(Section):
         return self
 
 
+class MonitorConfig(Section):
+    """The reward-hacking monitor of `train-rl` (`ray_crm.rl.monitor`): rules checked after every step."""
+
+    window: int = Field(8, ge=3, description="steps over which the proxy and gold trends are measured")
+    trend: float = Field(0.7, gt=0.0, le=1.0, description="|Spearman(value, step)| that counts as a rise or fall")
+    z_tv_max: float = Field(0.5, gt=0.0, le=1.0, description="alarm when a Z's bin histogram moves this far (total "
+                            "variation) from the reward model's training data")
+    kl_max: float | None = Field(None, gt=0.0, description="alarm when the KL to the initial policy passes this; None: off")
+    stop: bool = Field(False, description="on an alarm, checkpoint and stop the run (otherwise log it and go on)")
+
+
 class RLConfig(Section):
     """GRPO on Ray (Dr.GRPO loss): the policy learner and its regularizer.
 
@@ -204,6 +253,12 @@ class RLConfig(Section):
     use_gpu: bool = False
     learner_cpus: float = Field(0.5, gt=0.0, description="Ray CPUs reserved by the learner actor")
     learner_threads: int | None = Field(None, ge=1, description="torch threads of the learner; None: ray.torch_threads")
+    num_workers: int = Field(1, ge=1, description="learner ranks (Ray actors, each a DeepSpeed engine), data-parallel "
+                             "over the rollout batch; each reserves learner_cpus (and a GPU with use_gpu)")
+    zero_stage: Literal[0, 1, 2] = Field(
+        0, description="ZeRO stage of the learner: 1 shards Adam, 2 also the gradients. Not 3: GR perturbs and "
+        "restores every trainable weight and each rank recomputes the reference policy's log-probs, which "
+        "ZeRO-3's sharded weights would make a gather per forward pass")
     lora: LoraConfig = Field(default_factory=lambda: LoraConfig(rank=16, alpha=32))
     prompts: list[str] = Field(
         default_factory=list, description="JSONL/CSV/Parquet files with a prompt column; empty: the VADER task prompts"
@@ -219,13 +274,26 @@ class RLConfig(Section):
     regularizer: Literal["none", "kl", "reset", "gr"] = "gr"
     gr_gamma: float = Field(1e-2, ge=0.0, description="gr: strength of the gradient-norm penalty")
     gr_fd_eps: float = Field(1e-3, gt=0.0, description="gr: finite-difference step (not the PPO clip)")
-    gr_g_clip: float = Field(10.0, gt=0.0, description="gr: norm clip of g1 and g2")
+    gr_g_clip: float = Field(10.0, gt=0.0, description="gr: norm clip of g1 and g2 (see gr_clip)")
+    gr_clip: Literal["shared", "separate"] = Field(
+        "shared", description="gr: shared: g2 takes g1's clip factor, keeping the part of the correction that "
+        "shrinks the gradient norm; separate: each clipped alone (the paper's code), which loses it once both clip"
+    )
     kl_beta: float = Field(0.05, ge=0.0, description="kl/reset: weight of the KL to the reference")
     reset_every: int = Field(200, ge=1, description="reset: steps between copies of the policy into the reference")
     checkpoint_every: int = Field(5, ge=1, description="learner + driver state every N steps; a rerun resumes")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = Field(0, ge=0)
     output_dir: str | None = Field(None, description="None: <output_dir>/<name>/train-rl")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    @model_validator(mode="after")
+    def _regularizer_reads_its_settings(self) -> RLConfig:
+        readers = {"gr_gamma": ("gr",), "gr_fd_eps": ("gr",), "gr_g_clip": ("gr",), "gr_clip": ("gr",),
+                   "kl_beta": ("kl", "reset"), "reset_every": ("reset",)}
+        _reject_unused(self, {key: f"only rl.regularizer={' or '.join(users)} reads it, not {self.regularizer}"
+                              for key, users in readers.items() if self.regularizer not in users})
+        return self
 
 
 class SearchSpace(Section):
@@ -265,8 +333,13 @@ class SweepConfig(Section):
     max_concurrent_trials: int = Field(1, ge=1)
     resume: bool = False
 
+    @model_validator(mode="after")
+    def _grace_period_is_ashas(self) -> SweepConfig:
+        if self.scheduler != "asha":
+            _reject_unused(self, {"grace_period": "only sweep.scheduler=asha stops trials early"})
+        return self
 
-SPURIOUS_KINDS = ("length", "sycophancy", "concept", "demographic", "column", "function")
+
 # The parameters each kind of Z reads; setting another kind's parameter is an error, not a silent no-op.
 _SPURIOUS_PARAMS = {
     "length": {"unit", "bins"},
@@ -302,11 +375,10 @@ class SpuriousConfig(Section):
     @model_validator(mode="after")
     def _fits_kind(self) -> SpuriousConfig:
         allowed = _SPURIOUS_PARAMS[self.kind] | {"name", "kind", "on"}
-        fields = type(self).model_fields
-        stray = sorted(f for f in self.model_fields_set - allowed
-                       if getattr(self, f) != fields[f].get_default(call_default_factory=True))
-        if stray:
+        if stray := sorted(f for f in self.model_fields_set - allowed if _off_default(self, f)):
             raise ValueError(f"{', '.join(stray)} not used by kind '{self.kind}' (it reads {sorted(allowed)})")
+        if not self.continuous:
+            _reject_unused(self, {"bins": "a discrete Z has one bin per category; set discrete=false to bin numbers"})
         if self.kind == "concept" and (self.keywords is None) == (self.column is None):
             raise ValueError("concept: give exactly one of keywords or column")
         if self.kind == "column" and (self.column is None) == (self.chosen_column is None or self.rejected_column is None):
@@ -424,6 +496,10 @@ class DataConfig(Section):
             raise ValueError(f"spurious names must be unique (got {names})")
         if self.paths and self.vader is not None:
             raise ValueError("give data.paths or data.vader, not both")
+        if source := ("data.paths names the splits" if isinstance(self.paths, dict) else
+                      "data.columns.split holds the splits" if self.columns.split else None):
+            _reject_unused(self, {f"split.{k}": f"{source}; data.split is the hash split used otherwise"
+                                  for k in SplitConfig.model_fields})
         carried = [*self.columns.keep, *(c for s in self.spurious for c in s.input_columns())]
         if clash := sorted({c for c in carried if c in _OUTPUT_COLUMNS or c.startswith(("z_", "bin_"))}):
             raise ValueError(f"input columns {clash} would overwrite output columns of the same name; rename them")
@@ -514,6 +590,25 @@ class Config(Section):
     def prepared_dir(self) -> Path:
         """Where `prepare` writes and the trainers read: data.output_dir, else the prepare stage dir."""
         return Path(self.data.output_dir).resolve() if self.data.output_dir else self.stage_dir("prepare")
+
+
+def validation_metric_names(cfg: Config) -> set[str]:
+    """Every metric train-rm's validation reports under `cfg`: what checkpoints and sweep trials may be ranked by."""
+    names = {"val_accuracy", "val_balanced_accuracy", "val_bt_loss", "val_mmd", "val_reward_std", "val_z_spearman",
+             *(f"val_spearman_{z.name}" for z in cfg.data.spurious)}
+    return names | ({"val_ci_gap", "val_ci_gap_std"} if cfg.data.twins else set())
+
+
+def run_name(cfg: Config) -> str:
+    """The folder of cfg's train-rm run under stage_dir('train-rm'), where eval finds its export: the same
+    training config gets the same name, so a re-run resumes; a changed one starts afresh."""
+    dumped = cfg.model_dump(mode="json")
+    keyed = {k: dumped[k] for k in ("model", "loss", "train", "data")}
+    keyed["train"].pop("max_failures", None)
+    keyed["data"].pop("twins", None)  # scored, never trained on
+    digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
+    tag = "bt" if cfg.loss.type == "bt" else f"crm-{cfg.loss.variant[:4]}-l{cfg.loss.lambda_mmd:g}"
+    return f"{cfg.name}-{tag}-{digest}"
 
 
 def _section_of(annotation: Any) -> type[BaseModel] | None:

@@ -213,11 +213,3 @@ def shipped_config_path() -> Path | None:
     spec = importlib.util.find_spec(CONFIG_PACKAGE)
     folders = spec.submodule_search_locations if spec is not None else None
     return next((Path(f, CONFIG_FILE) for f in folders or [] if Path(f, CONFIG_FILE).is_file()), None)
-
-
-def run_job(stage: str, argv: list[str]) -> int:
-    """Entry of jobs/<stage>.py: the stage's own CLI, given the config file that `submit` shipped, if any."""
-    from ray_crm.cli import main
-
-    path = shipped_config_path()
-    return main([stage, *(["--config", str(path)] if path else []), *argv])

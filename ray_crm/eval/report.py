@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ray_crm.config import Config
+from ray_crm.config import Config, run_name
 from ray_crm.eval import plots
 from ray_crm.eval.benchmarks import load_probes
 from ray_crm.eval.scoring import RewardScorer, model_folder
@@ -35,8 +35,6 @@ def _label(path: Path) -> str:
 def models(cfg: Config) -> dict[str, str]:
     """label -> model folder, from `eval.models` ('label=folder' or 'folder'), else this config's train-rm export."""
     if not cfg.eval.models:
-        from ray_crm.train.rm_trainer import run_name
-
         merged = cfg.stage_dir("train-rm") / run_name(cfg) / "export" / "merged"
         if not (merged / "config.json").is_file():
             raise FileNotFoundError(f"no eval.models given (--model DIR) and no train-rm export at {merged}")

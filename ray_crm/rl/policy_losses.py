@@ -69,36 +69,56 @@ def kl_to_reference(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
 
 
 def gradient_regularized_grads(grad_fn: Callable[[], Sequence[Tensor]], params: Sequence[Tensor], gamma: float,
-                               fd_eps: float = 1e-3, max_norm: float = 10.0,
-                               perturb: Sequence[bool] | None = None) -> tuple[list[Tensor], dict[str, float]]:
-    """GR gradients for `params`: g1 + gamma * (g2 - g1) / fd_eps (the GR paper's forward difference).
+                               fd_eps: float = 1e-3, max_norm: float = 10.0, perturb: Sequence[bool] | None = None,
+                               clip: str = "shared") -> tuple[list[Tensor], dict[str, float]]:
+    """GR gradients for `params`: g1 + gamma * H g1, H g1 by the GR paper's forward difference of g2 and g1.
 
-    g1 = grad L at phi, g2 = grad L at phi + fd_eps * g1, each clipped to `max_norm`; `grad_fn` returns grad L
-    for `params` at their current values on the same batch (accumulated over micro-batches if it likes). Only the parameters flagged in `perturb` move (the transformer blocks, not
-    embeddings or heads); every parameter gets the corrected gradient. The parameters are restored bit for
-    bit from a copy (adding and subtracting the step would not round-trip in fp32). The norms of g1 and g2 are
-    returned for logging: a rising gradient norm is the sign of reward hacking the method watches.
+    g1 is grad L at phi scaled to a norm of at most `max_norm` (by s), g2 grad L after a step of fd_eps * g1;
+    `grad_fn` returns grad L for `params` at their current values on the same batch (accumulated over
+    micro-batches if it likes). `clip` is how g2 is scaled:
+    - `shared`: by s as well, so g2 - g1 is s times the change of grad L over the step, which is fd_eps * s long
+      along grad L: (g2 - g1) / (fd_eps * s) = H g1, and the result s * (grad L + gamma * H grad L) is the
+      gradient of L + gamma/2 ||grad L||^2 scaled as clipping grad L alone would scale it;
+    - `separate`: to `max_norm` on its own, over fd_eps (the paper's reference code). Once both norms exceed
+      `max_norm`, g1 and g2 have equal norms, so g2 - g1 is orthogonal to g1 + g2: its component along g1 (from
+      g1' H g1, the part that shrinks the gradient norm, which is what GR is for) is lost, bar a small negative
+      remainder.
+    Only the parameters flagged in `perturb` move (the transformer blocks, not embeddings or heads); every
+    parameter gets the corrected gradient. The norms of grad L before and after the step are returned for
+    logging: a rising gradient norm is the sign of reward hacking the method watches.
     """
+    if clip not in ("shared", "separate"):
+        raise ValueError(f"clip must be 'shared' or 'separate', got {clip!r}")
     params = list(params)
     perturb = [True] * len(params) if perturb is None else list(perturb)
-    g1, g1_norm = _clipped(grad_fn(), max_norm)
-    saved = [p.detach().clone() for p, moved in zip(params, perturb) if moved]
+    raw1 = list(grad_fn())
+    s1, g1_norm = _clip_factor(raw1, max_norm)
+    moved = [(p, g) for p, g, m in zip(params, raw1, perturb) if m]
+    raw2 = _grads_after_step(grad_fn, [p for p, _ in moved], [g for _, g in moved], fd_eps * s1)
+    s2, g2_norm = _clip_factor(raw2, max_norm)
+    # shared: g1 = s1 * raw1, g2 = s1 * raw2 and (g2 - g1) / (fd_eps * s1) = (raw2 - raw1) / fd_eps
+    a1, a2 = (1.0, 1.0) if clip == "shared" else (s1, s2)
+    grads = [s1 * r1 + gamma * (a2 * r2 - a1 * r1) / fd_eps for r1, r2 in zip(raw1, raw2)]
+    return grads, {"gr/g1_norm": g1_norm, "gr/g2_norm": g2_norm}
+
+
+def _grads_after_step(grad_fn: Callable[[], Sequence[Tensor]], params: list[Tensor], direction: list[Tensor],
+                      length: float) -> list[Tensor]:
+    """grad_fn() with `params` moved by length * `direction`, then restored bit for bit from a copy (adding and
+    subtracting the step would not round-trip in fp32)."""
+    saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
-            for p, g, moved in zip(params, g1, perturb):
-                if moved:
-                    p.add_(g, alpha=fd_eps)
-        g2, g2_norm = _clipped(grad_fn(), max_norm)
+            for p, d in zip(params, direction):
+                p.add_(d, alpha=length)
+        return list(grad_fn())
     finally:
         with torch.no_grad():
-            for p, copy in zip((p for p, moved in zip(params, perturb) if moved), saved):
+            for p, copy in zip(params, saved):
                 p.copy_(copy)
-    grads = [a + gamma * (b - a) / fd_eps for a, b in zip(g1, g2)]
-    return grads, {"gr/g1_norm": float(g1_norm), "gr/g2_norm": float(g2_norm)}
 
 
-def _clipped(grads: Sequence[Tensor], max_norm: float) -> tuple[list[Tensor], Tensor]:
-    """The gradients scaled to a total norm of at most `max_norm` (as clip_grad_norm_ does), and the norm before."""
-    norm = get_total_norm(grads)
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return [g * scale for g in grads], norm
+def _clip_factor(grads: Sequence[Tensor], max_norm: float) -> tuple[float, float]:
+    """The factor that scales `grads` to a total norm of at most `max_norm` (as clip_grad_norm_ does), and their norm."""
+    norm = float(get_total_norm(grads))
+    return min(1.0, max_norm / (norm + 1e-6)), norm

@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from ray_crm.config import Config, ConfigError, SearchSpace, dump_config, set_dotted, validate
+from ray_crm.config import (
+    Config,
+    ConfigError,
+    SearchSpace,
+    dump_config,
+    set_dotted,
+    validate,
+    validation_metric_names,
+)
 from ray_crm.tune.pareto import pareto_front, pick
 
 # Result columns that are not worth a column of the table.
@@ -64,8 +72,6 @@ def _reported_metrics(cfg: Config) -> set[str]:
         from ray_crm.rl.grpo_trainer import reported_metric_names
 
         return reported_metric_names(cfg)
-    from ray_crm.train.metric_names import validation_metric_names
-
     return validation_metric_names(cfg)
 
 

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from ray_crm.config import load_config
+from ray_crm.config import load_config, run_name
 from ray_crm.data.pipeline import read_prepared_table, run_prepare
-from ray_crm.train.rm_trainer import VAL_SCORES, run_name, run_train_rm
+from ray_crm.train.rm_trainer import VAL_SCORES, run_train_rm
 
 GOOD = ["great", "wonderful", "best", "love", "fun"]
 BAD = ["awful", "terrible", "worst", "boring", "bad"]

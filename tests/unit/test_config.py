@@ -9,6 +9,7 @@ from typing import Annotated, Union, get_args, get_origin
 
 import annotated_types
 import pytest
+import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -92,11 +93,11 @@ def test_a_swept_data_key_must_take_listed_values():
 def test_a_sweep_metric_the_trainer_never_reports_fails_before_any_trial():
     from ray_crm.tune.sweep import check_space
 
-    space = "sweep.space={loss.lambda_mmd: {grid: [1.0]}}"
+    space = ["loss.type=crm", "sweep.space={loss.lambda_mmd: {grid: [1.0]}}"]
     z = "data.spurious=[{name: concept, kind: concept, column: concept}]"
-    check_space(load_config(None, [z, space, "sweep.bias_metric=val_spearman_concept"]))
+    check_space(load_config(None, [z, *space, "sweep.bias_metric=val_spearman_concept"]))
     with pytest.raises(ConfigError, match=r"sweep.bias_metric='val_spearman_length' is not a metric"):
-        check_space(load_config(None, [z, space, "sweep.bias_metric=val_spearman_length"]))
+        check_space(load_config(None, [z, *space, "sweep.bias_metric=val_spearman_length"]))
 
 
 def test_an_rl_sweep_ranks_by_rl_metrics_and_refuses_data_keys():
@@ -111,6 +112,54 @@ def test_an_rl_sweep_ranks_by_rl_metrics_and_refuses_data_keys():
         check_space(load_config(None, [*rl, "rl.regularizer=kl", "sweep.bias_metric=gr/g1_norm"]))
     with pytest.raises(ConfigError, match=r"sweep.space.data.split.seed: train-rl reads no prepared data"):
         check_space(load_config(None, [*rl, "sweep.space={data.split.seed: {grid: [1, 2]}}"]))
+
+
+UNUSED = {  # a setting the chosen type ignores -> the key the error names, and the switch it blames
+    ("loss.lambda_mmd=0.3",): ("loss.lambda_mmd", "loss.type=bt"),
+    ("loss.mmd.on=representation",): ("loss.mmd.on", "loss.type=bt"),
+    ("rl.regularizer=kl", "rl.gr_gamma=0.5"): ("rl.gr_gamma", "only rl.regularizer=gr"),
+    ("rl.regularizer=none", "rl.gr_fd_eps=0.1"): ("rl.gr_fd_eps", "only rl.regularizer=gr"),
+    ("rl.regularizer=reset", "rl.gr_g_clip=1.0"): ("rl.gr_g_clip", "only rl.regularizer=gr"),
+    ("rl.regularizer=kl", "rl.gr_clip=separate"): ("rl.gr_clip", "only rl.regularizer=gr"),
+    ("rl.kl_beta=0.1",): ("rl.kl_beta", "only rl.regularizer=kl or reset"),
+    ("rl.regularizer=kl", "rl.reset_every=10"): ("rl.reset_every", "only rl.regularizer=reset"),
+    ("train.zero_stage=0", "train.offload=true"): ("train.offload", "ZeRO stage 0"),
+    ("sweep.grace_period=3",): ("sweep.grace_period", "only sweep.scheduler=asha"),
+    ("reward.gold=[{name: v, kind: vader, model: rm}]",): ("reward.gold.0.model", "kind vader"),
+    ("data.spurious=[{name: z, kind: column, column: z, bins: 5}]",): ("data.spurious.0.bins", "discrete Z"),
+    ("data.paths={train: [a.jsonl]}", "data.split.seed=3"): ("data.split.seed", "data.paths names the splits"),
+    ("data.columns.split=fold", "data.split.by=pair"): ("data.split.by", "data.columns.split holds the splits"),
+}
+
+
+@pytest.mark.parametrize("overrides", UNUSED, ids=[key for key, _ in UNUSED.values()])
+def test_a_setting_the_chosen_type_ignores_fails_at_load_naming_the_key(overrides):
+    key, why = UNUSED[overrides]
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}': [^;]*{re.escape(why)}"):
+        load_config(None, list(overrides))
+
+
+def test_settings_the_chosen_type_reads_and_repeated_defaults_load():
+    legal = [["loss.type=crm", "loss.lambda_mmd=0.0"], ["loss.variant=conditional", "loss.mmd.bandwidth=2.0"],
+             ["rl.regularizer=gr", "rl.gr_gamma=0.5", "rl.gr_clip=separate"], ["rl.regularizer=reset", "rl.kl_beta=0.1",
+             "rl.reset_every=10"], ["rl.regularizer=kl", "rl.gr_gamma=0.01"], ["sweep.scheduler=asha", "sweep.grace_period=3"],
+             ["data.spurious=[{name: z, kind: column, column: z, bins: 5, discrete: false}]"]]
+    for overrides in legal:
+        load_config(None, overrides)
+    # a dumped config repeats every default, also those the chosen type ignores: it reads back
+    for overrides in (["rl.regularizer=none"], ["train.zero_stage=0"], ["data.paths={train: [a.jsonl]}"]):
+        cfg = load_config(None, overrides)
+        assert validate(yaml.safe_load(dump_config(cfg))) == cfg
+    assert load_config().rl.gr_clip == "shared"
+
+
+def test_a_sweep_of_a_setting_the_chosen_type_ignores_fails_before_any_trial():
+    from ray_crm.tune.sweep import check_space
+
+    rl = ["sweep.stage=train-rl", "reward.gold=[{name: vader, kind: vader}]", "sweep.metric=gold_vader_mean",
+          "sweep.bias_metric=response_tokens_mean", "rl.regularizer=kl", "sweep.space={rl.gr_gamma: {grid: [0.1]}}"]
+    with pytest.raises(ConfigError, match=r"sweep.space.rl.gr_gamma=0.1: 'rl.gr_gamma': only rl.regularizer=gr"):
+        check_space(load_config(None, rl))
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")), ids=lambda p: p.name)

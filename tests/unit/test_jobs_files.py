@@ -9,7 +9,7 @@ from ray._private.runtime_env.packaging import create_package
 from ray.runtime_env import RuntimeEnv
 
 from ray_crm import jobs_client
-from ray_crm.cli import main
+from ray_crm.cli import main, run_job
 from ray_crm.jobs_client import (
     CONFIG_FILE,
     CONFIG_PACKAGE,
@@ -18,12 +18,11 @@ from ray_crm.jobs_client import (
     build_runtime_env,
     job_script,
     jobs_address,
-    run_job,
     shipped_config,
 )
 from ray_crm.stages import STAGES
 
-CONFIG_TEXT = "name: shipped\nloss:\n  lambda_mmd: 2.0\n"
+CONFIG_TEXT = "name: shipped\nloss:\n  type: crm\n  lambda_mmd: 2.0\n"
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

@@ -38,12 +38,8 @@ def test_concept_bias_needs_every_cell():
         metrics.concept_bias([1, 1, 1], [1, 0, 1], [1, 1, 0])
 
 
-def test_sycophancy_rates():
+def test_sycophancy_rate():
     assert metrics.sycophancy_rate([2, 0, 1], [1, 1, 1]) == 0.5
-    rates = metrics.policy_sycophancy_rates([[1, 1], [1, 0], [0, 0]])
-    assert rates == pytest.approx({"all@2": 1 / 3, "any@2": 2 / 3, "mean": 0.5})
-    with pytest.raises(ValueError, match="prompts, samples"):
-        metrics.policy_sycophancy_rates([1, 0, 1])
 
 
 def test_discrimination_coefficients_recover_planted_effects():
@@ -109,8 +105,3 @@ def test_invariance_gap_averages_pairs_within_then_over_twins():
     assert metrics.twin_scale(reward, twin) == pytest.approx(np.std([0.5, 4 / 3]))
     with pytest.raises(ValueError, match="twin"):
         metrics.invariance_gap([1, 2], ["a", "b"])
-
-
-def test_win_score():
-    assert metrics.win_score(6, 2, 10) == 90.0
-    assert metrics.win_score(0, 10, 10) == -50.0

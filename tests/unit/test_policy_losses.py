@@ -79,31 +79,60 @@ def test_k3_kl_is_zero_at_the_reference_and_matches_the_exact_kl_in_expectation(
     assert estimate.item() == pytest.approx(float((pi * (pi / ref).log()).sum()), rel=0.02)
 
 
-def _model_and_loss():
+def _model_and_loss(dtype=torch.float32):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
-    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(dtype)
+    x, y = torch.randn(8, 3, dtype=dtype), torch.randn(8, 1, dtype=dtype)
     return net, lambda: ((net(x) - y) ** 2).mean()
 
 
-def test_gr_gradient_matches_the_exact_gradient_of_the_penalised_loss():
-    net, loss_fn = _model_and_loss()
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _gradient_and_hvp(loss_fn, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad L and H grad L (the gradient of the penalty 1/2 ||grad L||^2) by double backward, flattened."""
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g ** 2).sum() for g in grads) / 2, params)
+    return _flat(grads).detach(), _flat(hvp)
+
+
+@pytest.mark.parametrize("clip", ["shared", "separate"])
+def test_gr_gradient_without_clipping_is_the_exact_gradient_of_the_penalised_loss(clip):
+    net, loss_fn = _model_and_loss(torch.float64)
     params = list(net.parameters())
     gamma = 0.1
-    # exact: grad of L + gamma / 2 * ||grad L||^2 by double backward
-    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
-    penalised = loss_fn() + gamma / 2 * sum((g ** 2).sum() for g in grads)
-    exact = torch.autograd.grad(penalised, params)
+    g, hg = _gradient_and_hvp(loss_fn, params)
     before = [p.detach().clone() for p in params]
-    gr, stats = gradient_regularized_grads(_grads(loss_fn, params), params, gamma, fd_eps=1e-3, max_norm=1e9)
-    for a, b in zip(gr, exact):
-        assert torch.allclose(a, b, atol=2e-4, rtol=1e-3)
-    # the penalty term is not negligible here, so the test would catch gamma being ignored
-    plain = torch.autograd.grad(loss_fn(), params)
-    assert max((a - b).abs().max().item() for a, b in zip(plain, exact)) > 1e-2
+    gr, stats = gradient_regularized_grads(_grads(loss_fn, params), params, gamma, fd_eps=1e-5, max_norm=1e9,
+                                           clip=clip)
+    torch.testing.assert_close(_flat(gr), g + gamma * hg, rtol=0, atol=1e-5)
+    assert (gamma * hg).abs().max() > 0.1  # the penalty term is not negligible: gamma being ignored would show
     # restored bit for bit, and the norms are logged
     assert all(torch.equal(p, q) for p, q in zip(params, before))
-    assert stats["gr/g1_norm"] > 0 and stats["gr/g2_norm"] > 0
+    assert stats["gr/g1_norm"] == pytest.approx(g.norm().item()) and stats["gr/g2_norm"] > 0
+
+
+def test_gr_clipping_shared_keeps_the_norm_shrinking_correction_and_separate_loses_it():
+    net, loss_fn = _model_and_loss(torch.float64)
+    params = list(net.parameters())
+    gamma, max_norm = 0.1, 0.5
+    g, hg = _gradient_and_hvp(loss_fn, params)
+    g1, exact = g * max_norm / g.norm(), hg * max_norm / g.norm()  # the clipped gradient, its correction H g1
+    along = lambda v: float(v @ g1 / g1.norm())
+    assert along(exact) > 1.0  # g1' H g1 > 0: a step along g1 grows the gradient norm
+    corrections = {}
+    for clip in ("shared", "separate"):
+        gr, stats = gradient_regularized_grads(_grads(loss_fn, params), params, gamma, fd_eps=1e-5,
+                                               max_norm=max_norm, clip=clip)
+        assert min(stats["gr/g1_norm"], stats["gr/g2_norm"]) > 2 * max_norm  # both gradients are clipped
+        corrections[clip] = (_flat(gr) - g1) / gamma
+    # shared: the whole exact correction H g1, so the result is the penalised gradient scaled like g alone
+    torch.testing.assert_close(corrections["shared"], exact, rtol=0, atol=1e-4)
+    # separate: g1 and g2 of equal norm leave nothing along g1 but a tiny negative remainder
+    assert -1e-3 * along(exact) < along(corrections["separate"]) <= 0.0
+    with pytest.raises(ValueError, match="clip"):
+        gradient_regularized_grads(_grads(loss_fn, params), params, gamma, clip="both")
 
 
 def test_gr_with_gamma_zero_is_the_clipped_plain_gradient_and_frozen_params_stay_put():

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from ray_crm.config import load_config
+from ray_crm.config import load_config, run_name
 from ray_crm.eval.metrics import z_balanced_accuracy
 from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, score
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size
-from ray_crm.train.rm_trainer import run_name
 
 
 def test_deepspeed_config_follows_the_typed_config():
