@@ -10,8 +10,8 @@ over world x micro pairs (each stratified on its own).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_crm.config import Config
+from ray_crm.checkpoint import file_manifest, latest_verified, verify_checkpoint, write_marker
+from ray_crm.config import Config, run_name
 from ray_crm.data.sampler import StratifiedBatchSampler
 from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman, z_balanced_accuracy
 from ray_crm.losses import MMDConfig, crm_loss, gather_global
@@ -31,19 +32,11 @@ from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, p
 from ray_crm.train.metric_names import higher_is_better
 from ray_crm.train.metrics_log import MetricsLog
 
+logger = logging.getLogger(__name__)
+
 VAL_SCORES = "val_scores.npz"
 COLUMNS = ("pair_id", "chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
            "bin_chosen", "bin_rejected", "stratum")
-
-
-def run_name(cfg: Config) -> str:
-    """Same training config -> same name, so a re-run resumes; a changed one starts afresh."""
-    keyed = {k: cfg.model_dump(mode="json")[k] for k in ("model", "loss", "train", "data") if k in cfg.model_fields}
-    keyed["train"].pop("max_failures", None)
-    keyed["data"].pop("twins", None)  # scored, never trained on
-    digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
-    tag = "bt" if cfg.loss.type == "bt" else f"crm-{cfg.loss.variant[:4]}-l{cfg.loss.lambda_mmd:g}"
-    return f"{cfg.name}-{tag}-{digest}"
 
 
 def mmd_settings(cfg: Config, num_bins: int) -> MMDConfig:
@@ -178,8 +171,13 @@ def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray)
 def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zero_stage: int,
                      val_scores: dict[str, np.ndarray]) -> None:
     """DeepSpeed state (all ranks, for resume) + the HF weights (adapter or full model) + the loop state
-    + the validation rewards the trainer measured (so an export can be checked against them)."""
+    + the validation rewards the trainer measured (so an export can be checked against them).
+
+    Every rank fills its own folder and Ray merges them into one checkpoint, so rank 0 writes the
+    completion marker last, listing the files of every rank: the merged folder verifies only once all arrived.
+    """
     import deepspeed
+    import torch.distributed as dist
 
     engine.save_checkpoint(str(folder / "ds"), tag="state")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
@@ -188,21 +186,56 @@ def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zer
             engine.module.save_pretrained(folder / "model", safe_serialization=True)
             (folder / "state.json").write_text(json.dumps(state))
             np.savez(folder / VAL_SCORES, **val_scores)
+    manifests = [None] * dist.get_world_size()
+    dist.all_gather_object(manifests, file_manifest(folder))
+    if rank == 0:
+        write_marker(folder, f"step_{state['step']:06d}", {k: v for part in manifests for k, v in part.items()})
 
 
-def latest_complete_checkpoint(storage: Path, world: int, zero_stage: int) -> Path | None:
-    """The newest checkpoint folder of this run whose loop state and every rank's DeepSpeed shard were written.
+def latest_complete_checkpoint(storage: Path) -> Path | None:
+    """The newest checkpoint folder of this run that verifies (see `ray_crm.checkpoint`); newer broken ones
+    are skipped with a warning.
 
     Ray registers a checkpoint only once its controller has processed the report; a worker killed in between
     leaves a complete checkpoint on disk that `ray.train.get_checkpoint()` does not return.
     """
-    complete, shards_expected = [], world if zero_stage > 0 else 0
-    for folder in storage.glob("checkpoint_*"):
-        ds = folder / "ds" / "state"
-        shards = len(list(ds.glob("*_optim_states.pt")))
-        if (folder / "state.json").is_file() and (ds / "mp_rank_00_model_states.pt").is_file() and shards == shards_expected:
-            complete.append((json.loads((folder / "state.json").read_text())["step"], folder.name, folder))
-    return max(complete)[2] if complete else None
+    return latest_verified(storage, "checkpoint_*")
+
+
+@contextlib.contextmanager
+def _resume_folder(storage: Path):
+    """Ray's registered checkpoint if it verifies, else `latest_complete_checkpoint` (None: start afresh)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as found:
+            reason = verify_checkpoint(Path(found))
+            if reason is None:
+                yield Path(found)
+                return
+            logger.warning("skipping checkpoint %s: %s", found, reason)
+    yield latest_complete_checkpoint(storage)
+
+
+def _load_weights_only(engine) -> None:
+    """Make `engine.load_checkpoint` unpickle nothing but tensors, plain values and DeepSpeed's own state classes.
+
+    DeepSpeed's TorchCheckpointEngine calls `torch.load(weights_only=False)`, which runs whatever a `.pt` file
+    asks for. Its ZeRO optimizer shards hold three classes besides tensors and plain values: these are allowed,
+    anything else fails to load.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -234,16 +267,13 @@ def train_loop(config: dict[str, Any]) -> None:
     micro = micro_batch_size(cfg.train, world)
     sampler = StratifiedBatchSampler(train_rows["stratum"], batch_size=micro * world, seed=cfg.train.seed)
     state = {"epoch": 0, "micro_step": 0, "step": 0, "resumed_from_step": 0}
-    checkpoint = ray.train.get_checkpoint()
-    folder = None if checkpoint is None else checkpoint.as_directory()
-    if folder is None:  # a worker killed before Ray registered its last checkpoint: look in storage
-        folder = contextlib.nullcontext(latest_complete_checkpoint(Path(config["storage_dir"]), world, cfg.train.zero_stage))
-    with folder as found:
+    with _resume_folder(Path(config["storage_dir"])) as found:
         if found is not None:
-            path, _ = engine.load_checkpoint(str(Path(found) / "ds"), tag="state")
+            _load_weights_only(engine)
+            path, _ = engine.load_checkpoint(str(found / "ds"), tag="state")
             if path is None:  # DeepSpeed returns (None, None) instead of raising
                 raise RuntimeError(f"checkpoint {found} holds no DeepSpeed state to resume from")
-            state = json.loads((Path(found) / "state.json").read_text())
+            state = json.loads((found / "state.json").read_text())
             state["resumed_from_step"] = state["step"]
     train_log = MetricsLog(Path(config["log_dir"]), "train") if rank == 0 else None
     eval_log = MetricsLog(Path(config["log_dir"]), "eval") if rank == 0 else None
