@@ -1,4 +1,5 @@
-"""Reward-model backbones, LoRA, scoring and export: the one place that knows transformers/peft quirks."""
+"""Model and tokenizer loading (reward models and policies), LoRA, scoring and export: the one place that knows
+transformers/peft quirks (pad tokens, dtypes, adapters)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,36 @@ import torch
 from torch import Tensor
 
 from ray_crm.assets import resolve_model
-from ray_crm.config import ModelConfig
+from ray_crm.config import LoraConfig, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def load_tokenizer(model_cfg: ModelConfig):
+def tokenizer_at(path: str | Path):
+    """The tokenizer of an HF folder, with a pad token: decoder models (Llama, SmolLM2) ship without one."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(model_cfg.name))
-    if tok.pad_token is None:  # decoder models (Llama, SmolLM2) ship without one
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    return tokenizer_at(resolve_model(model_cfg.name))
+
+
+def with_lora(model, lora: LoraConfig, task_type: str | None = None):
+    """`model` wrapped in a PEFT LoRA adapter if `lora.enabled`, else unchanged."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(model, PeftLoraConfig(
+        task_type=task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    ))
 
 
 def load_reward_model(model_cfg: ModelConfig, pad_token_id: int):
@@ -32,16 +51,18 @@ def load_reward_model(model_cfg: ModelConfig, pad_token_id: int):
         resolve_model(model_cfg.name), num_labels=1, dtype=DTYPES[model_cfg.precision]
     )
     model.config.pad_token_id = pad_token_id  # Llama heads need it to find the last token of a batch > 1
-    if not model_cfg.lora.enabled:
-        return model
-    from peft import LoraConfig, TaskType, get_peft_model
+    return with_lora(model, model_cfg.lora, "SEQ_CLS")  # SEQ_CLS also trains the score head (modules_to_save)
 
-    lora = model_cfg.lora
-    peft_cfg = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout, target_modules=lora.target_modules,
-    )
-    return get_peft_model(model, peft_cfg)  # SEQ_CLS also trains the score head (modules_to_save)
+
+def load_policy_model(path: str | Path, lora: LoraConfig, pad_token_id: int, precision: str = "fp32"):
+    """A causal LM for RL, wrapped in a PEFT LoRA adapter if configured; no KV cache (the learner only scores
+    whole sequences). The LoRA init draws from torch's global generator: seed it for identical ranks."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision])
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    return with_lora(model, lora)
 
 
 def score(model, batch: dict[str, Tensor], with_representation: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -2,13 +2,15 @@
 
 Each step: the vLLM rollout pool samples `rollout.n_samples` completions for `rl.prompts_per_step` prompts,
 the reward pool scores them with the trained RM (and the gold scorers, which only measure hacking), the
-learner actor (`PolicyLearner`) takes one optimizer step on Dr.GRPO advantages, and its new weights reach
-every engine before the next step (a partial sync of the merged LoRA targets, or the full state dict).
+learner (`LearnerGroup`: `rl.num_workers` DeepSpeed ranks, data-parallel over the batch) takes one optimizer
+step on Dr.GRPO advantages, and rank 0's new weights reach every engine before the next step (a partial
+sync of the merged LoRA targets, or the full state dict).
 
 Non-finite values never reach the engines or a checkpoint: samples that a scorer gave a NaN or infinite score
 are left out of the step (`dropped_rows`, `nonfinite/<score>`), and a step whose loss or gradient is not finite
 is skipped by the learner (`skipped`, `skip_reason`), whose weights then stay as they were and are not synced.
-Every call to the learner actor has a timeout (`LEARNER_TIMEOUT_S`) and an error naming the call.
+Every call to the learner has a timeout (`learner_group.LEARNER_TIMEOUT_S`) and an error naming the call and
+the rank.
 
 Written to `<output_dir>/<name>/train-rl/` (or `rl.output_dir`):
 - `config.yaml`: the settings of the run; a rerun resumes only if its `rl.*`, `reward.*` and `rollout.*` keys
@@ -17,8 +19,10 @@ Written to `<output_dir>/<name>/train-rl/` (or `rl.output_dir`):
   loss, KL, GR gradient norms and engine/learner log-prob gap, skips and dropped samples, and the generate /
   score / learn / sync times;
 - `samples.jsonl`: the first completion of each prompt every step (what the policy is learning to say);
-- `checkpoints/step_N/`: the learner (trainable tensors, Adam, reference) every `rl.checkpoint_every` steps;
-  a rerun of the same command resumes from the latest one;
+- `checkpoints/step_N/`: the learner (trainable tensors, each rank's Adam partition, reference; safetensors
+  and JSON, no pickle) and the driver's step, every `rl.checkpoint_every` steps, complete only once its
+  `COMPLETE.json` (sizes and hashes) is written last: a rerun of the same command resumes from the latest
+  one that verifies;
 - `policy/`: the final policy as an HF folder (LoRA merged); `summary.json`.
 """
 
@@ -28,8 +32,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -41,22 +43,19 @@ import torch
 import yaml
 
 from ray_crm.assets import resolve_model
+from ray_crm.checkpoint import latest_verified, write_checkpoint
 from ray_crm.config import Config, ConfigError, dump_config
-from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner
+from ray_crm.rl.learner_group import LearnerGroup
+from ray_crm.rl.policy_learner import PolicyBatch
 from ray_crm.rl.policy_losses import finite_rows, group_advantages
 from ray_crm.rl.prompts import load_prompts
 from ray_crm.rl.reward_actor import REWARD_KEY, RewardPool, gold_key
 from ray_crm.rl.rollout import ENGINE_DTYPES, RolloutPool
-from ray_crm.rl.supervision import ActorCallError, ActorGroup, Member
-from ray_crm.rl.weights import pack_state_dict
-from ray_crm.runtime import init_ray, set_threads
+from ray_crm.runtime import init_ray
 from ray_crm.train.metrics_log import MetricsLog
 
 logger = logging.getLogger(__name__)
 
-# No config field bounds the learner actor's calls (start-up, step, save, load, export): a hung learner must
-# still end the run, and one step of a large policy under GR on a CPU can take many minutes.
-LEARNER_TIMEOUT_S = 3600.0
 # The sections whose settings a resumed run must share with the run it continues ...
 SETTINGS_SECTIONS = ("rl", "reward", "rollout")
 # ... but for these, which change how long, where or how fast it runs, not what it learns.
@@ -72,41 +71,8 @@ RESUMABLE_KEYS = frozenset({
 })
 
 
-class PolicyLearnerActor:
-    """A Ray actor holding the `PolicyLearner` (on a GPU when `rl.use_gpu`)."""
-
-    def __init__(self, model_path: str, cfg: Config):
-        set_threads(cfg.rl.learner_threads or cfg.ray.torch_threads)
-        self.learner = PolicyLearner(model_path, cfg.rl)
-
-    def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid()}
-
-    def step(self, batch: PolicyBatch) -> dict[str, float | str]:
-        return self.learner.step(batch)
-
-    def engine_weights(self, dtype: torch.dtype) -> tuple[list[ray.ObjectRef], bool]:
-        """The weights for the engines, put in the object store by this process (the driver never holds them)."""
-        state, partial = self.learner.engine_weights()
-        return [ray.put(pack_state_dict(state, dtype, partial))], partial
-
-    def save(self, path: str) -> None:
-        torch.save(self.learner.state(), path)
-
-    def load(self, path: str) -> None:
-        self.learner.load_state(torch.load(path, weights_only=False))
-
-    def save_policy(self, folder: str) -> str:
-        return str(self.learner.save_policy(Path(folder)))
-
-
 def output_dir(cfg: Config) -> Path:
     return Path(cfg.rl.output_dir).resolve() if cfg.rl.output_dir else cfg.stage_dir("train-rl")
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    done = sorted(p for p in folder.glob("step_*") if (p / "driver.json").exists())
-    return done[-1] if done else None
 
 
 def check(cfg: Config) -> None:
@@ -151,26 +117,8 @@ def _check_resumable(out: Path, cfg: Config) -> None:
                           "rerun with the saved settings")
 
 
-def _start_learner(policy: str, cfg: Config) -> ActorGroup:
-    """The learner actor behind `ActorGroup`'s timeouts; never restarted (it would have lost its state)."""
-    handle = ray.remote(PolicyLearnerActor).options(
-        num_cpus=cfg.rl.learner_cpus, num_gpus=1 if cfg.rl.use_gpu else 0, max_restarts=0, max_task_retries=0
-    ).remote(policy, cfg)
-    learner = ActorGroup([Member("learner", handle)], LEARNER_TIMEOUT_S, max_restarts=0)
-    learner.wait_ready()
-    return learner
-
-
-def _call(learner: ActorGroup, method: str, *args: Any, during: str, timeout_s: float = LEARNER_TIMEOUT_S) -> Any:
-    """`method(*args)` on the learner; a hung one is killed, and the error says what the driver was doing."""
-    try:
-        return learner.call(method, {0: args}, timeout_s, retry=False)[0]
-    except ActorCallError as exc:
-        raise ActorCallError(f"{during}: {exc}") from exc
-
-
-def _sync(learner: ActorGroup, pool: RolloutPool, dtype: torch.dtype, version: int, timeout_s: float):
-    (ref,), partial = _call(learner, "engine_weights", dtype, during=f"weight sync v{version}", timeout_s=timeout_s)
+def _sync(learner: LearnerGroup, pool: RolloutPool, dtype: torch.dtype, version: int, timeout_s: float):
+    (ref,), partial = learner.engine_weights(dtype, during=f"weight sync v{version}", timeout_s=timeout_s)
     return pool.sync_weights(ref, version=version, partial=partial)
 
 
@@ -180,12 +128,14 @@ def _means(values: dict[str, list[float]]) -> dict[str, float]:
 
 def trial_bundles(cfg: Config) -> list[dict[str, float]]:
     """The Ray resources of one run: the driver's bundle, then one bundle for every actor it starts (a Tune trial
-    reserves both; Tune keeps the first for the trial itself and creates the actors in the second). GPU engines
-    place themselves in their own placement group, so only CPU engines are counted."""
+    reserves both; Tune keeps the first for the trial itself and creates the actors in the second, the learner
+    ranks included). GPU engines place themselves in their own placement group, so only CPU engines are
+    counted."""
+    rl = cfg.rl
     actors = (cfg.reward.actors if cfg.reward.model else 0) + len(cfg.reward.gold)
     engines = 0 if cfg.rollout.use_gpu else cfg.rollout.engines
-    cpus = engines * cfg.rollout.cpus_per_engine + actors * cfg.reward.cpus_per_actor + cfg.rl.learner_cpus
-    return [{"CPU": 0.01}, {"CPU": round(cpus, 4), **({"GPU": 1.0} if cfg.rl.use_gpu else {})}]
+    cpus = engines * cfg.rollout.cpus_per_engine + actors * cfg.reward.cpus_per_actor + rl.num_workers * rl.learner_cpus
+    return [{"CPU": 0.01}, {"CPU": round(cpus, 4), **({"GPU": float(rl.num_workers)} if rl.use_gpu else {})}]
 
 
 def reported_metric_names(cfg: Config) -> set[str]:
@@ -207,7 +157,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
     out = output_dir(cfg)
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    resumed = latest_checkpoint(ckpt_root)
+    resumed = latest_verified(ckpt_root)
     if resumed is not None:
         _check_resumable(out, cfg)
     start = json.loads((resumed / "driver.json").read_text())["step"] if resumed is not None else 0
@@ -222,15 +172,14 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                        "%.2f: some actors will wait for more nodes (lower *.cpus_per_* on a small machine)", need, have)
     policy = str(resolve_model(rl.policy))
     dtype = ENGINE_DTYPES[cfg.rollout.dtype]
-    learner = _start_learner(policy, cfg)
-    if resumed is not None:  # the driver's step, not the learner's count of optimizer steps: those skip NaNs
-        _call(learner, "load", str(resumed / "learner.pt"), during=f"resuming from {resumed}")
     log = MetricsLog(out, "rl")
     log.drop_after(start)  # steps after the checkpoint are taken (and logged) again
     _drop_samples_after(out / "samples.jsonl", start)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(rl.seed)).tolist()
-    with RolloutPool(policy, cfg.rollout, cfg.ray.torch_threads) as pool, \
+    with LearnerGroup(policy, cfg) as learner, RolloutPool(policy, cfg.rollout, cfg.ray.torch_threads) as pool, \
             RewardPool(cfg.reward, cfg.ray.torch_threads) as rewards, open(out / "samples.jsonl", "a") as samples:
+        if resumed is not None:  # the driver's step, not the learner's count of optimizer steps: those skip NaNs
+            learner.load(resumed, during=f"resuming from {resumed}")
         if start:
             _sync(learner, pool, dtype, start, cfg.rollout.sync_timeout_s)
         row: dict[str, Any] = {}
@@ -258,7 +207,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                     engine_logprobs=[flat[i][1].logprobs for i in keep],
                     temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                 )
-                stats = _call(learner, "step", batch, during=f"rl step {step + 1}")
+                stats = learner.step(batch, during=f"rl step {step + 1}")
             else:
                 stats = {"skipped": 1.0, "skip_reason": "no sample with finite scores"}
             t3 = time.perf_counter()
@@ -287,7 +236,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                         row["response_tokens_mean"], {k: round(v, 4) for k, v in row.items() if k.startswith("gold_")})
             if (step + 1) % rl.checkpoint_every == 0 or step + 1 == rl.steps:
                 _checkpoint(learner, ckpt_root, step + 1, rl.keep_checkpoints)
-    policy_dir = _call(learner, "save_policy", str(out / "policy"), during="exporting the policy")
+        policy_dir = learner.save_policy(out / "policy", during="exporting the policy")
     summary = {**_paths(out), "policy": policy_dir, "steps": rl.steps,
                "resumed_from_step": start if resumed is not None else None, "last": row}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -311,14 +260,10 @@ def _drop_samples_after(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def _checkpoint(learner: ActorGroup, root: Path, step: int, keep: int) -> None:
-    """Written under a temporary name and renamed, so a crash never leaves a half checkpoint to resume from."""
-    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _call(learner, "save", str(tmp / "learner.pt"), during=f"checkpointing step {step}")
-    (tmp / "driver.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
+def _checkpoint(learner: LearnerGroup, root: Path, step: int, keep: int) -> None:
+    """Every learner rank's part, then the driver's step, in a folder that counts only once it is complete."""
+    def write(folder: Path) -> None:
+        learner.save(folder, during=f"checkpointing step {step}")
+        (folder / "driver.json").write_text(json.dumps({"step": step}))
+
+    write_checkpoint(root, f"step_{step:06d}", write, keep=keep)

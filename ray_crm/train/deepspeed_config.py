@@ -1,11 +1,15 @@
-"""DeepSpeed config from our TrainConfig: ZeRO stage, offload, precision; CPU (gloo) vs GPU (NCCL)."""
+"""DeepSpeed configs: the reward model's (TrainConfig: ZeRO stage, offload, precision) and the RL policy
+learner's (RLConfig: ZeRO stage, gradient clipping, fp32 weights and Adam); CPU (gloo) vs GPU (NCCL)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from ray_crm.config import ModelConfig, TrainConfig
+from ray_crm.config import ModelConfig, RLConfig, TrainConfig
+
+# Both stacks pass a torch optimizer (DeepSpeedCPUAdam compiles for minutes on CPU) and never print progress.
+_COMMON = {"zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
 def micro_batch_size(train: TrainConfig, world_size: int) -> int:
@@ -31,10 +35,22 @@ def deepspeed_config(train: TrainConfig, model: ModelConfig, world_size: int) ->
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
         "bf16": {"enabled": model.precision == "bf16"},
-        # we pass torch.optim.AdamW (DeepSpeedCPUAdam compiles for minutes on CPU)
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
+        **_COMMON,
+    }
+
+
+def policy_deepspeed_config(rl: RLConfig, world_size: int) -> dict[str, Any]:
+    """The RL learner's engine: one backward per optimizer step (the learner accumulates its micro-batches
+    itself, so the batch sizes here are nominal), DeepSpeed's gradient clipping at `rl.grad_clip`, and fp32
+    weights and Adam whatever `rl.precision` (bf16 there is autocast: GR perturbs fp32 weights)."""
+    return {
+        "train_batch_size": world_size,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": rl.grad_clip,
+        "zero_optimization": {"stage": rl.zero_stage},
+        "bf16": {"enabled": False},
+        **_COMMON,
     }
 
 

@@ -1,5 +1,5 @@
-"""The GRPO learner on a tiny Llama (no Ray): log-prob alignment, regularizers, skipped non-finite steps, resume,
-exported weights."""
+"""The GRPO learner on a tiny Llama (no Ray; one rank, its DeepSpeed engine on an in-memory process group):
+log-prob alignment, regularizers, skipped non-finite steps, resume from a checkpoint, exported weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_crm.config import LoraConfig, RLConfig
-from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences, token_logprobs
+from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences, shard, token_logprobs
 
 PROMPTS = [[1, 7, 9, 12], [1, 30]]
 RESPONSES = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
@@ -42,7 +42,8 @@ def _params(learner):
 
 
 def _adam(learner) -> dict[int, dict[str, torch.Tensor]]:
-    return {i: {k: v.clone() for k, v in state.items()} for i, state in learner.optimizer.state_dict()["state"].items()}
+    state = learner.engine.optimizer.state_dict()["state"]
+    return {i: {k: v.clone() for k, v in s.items()} for i, s in state.items()}
 
 
 def _same_adam(a, b) -> bool:
@@ -78,12 +79,12 @@ def test_batched_padded_logprobs_equal_one_sequence_at_a_time(tiny_llama_dir):
 
 
 def learner_gap(learner, engine) -> float:
-    lr = learner.optimizer.param_groups[0]["lr"]
-    learner.optimizer.param_groups[0]["lr"] = 0.0
+    group = learner.engine.optimizer.param_groups[0]
+    lr, group["lr"] = group["lr"], 0.0
     try:
         return learner.step(_batch(engine=engine))["policy/engine_logprob_gap"]
     finally:
-        learner.optimizer.param_groups[0]["lr"] = lr
+        group["lr"] = lr
 
 
 def test_a_step_raises_the_favoured_response_and_lowers_the_other(tiny_llama_dir):
@@ -119,7 +120,8 @@ def test_gr_perturbs_only_transformer_block_parameters(tiny_llama_dir):
 
 @pytest.mark.parametrize("regularizer", ["none", "kl", "gr"])
 def test_a_non_finite_loss_skips_the_step_and_leaves_weights_and_adam_bit_for_bit(tiny_llama_dir, regularizer):
-    kw = {"regularizer": regularizer, "kl_beta": 0.1, "gr_gamma": 1.0, "gr_fd_eps": 1e-2}
+    own = {"kl": {"kl_beta": 0.1}, "gr": {"gr_gamma": 1.0, "gr_fd_eps": 1e-2}}  # a setting of another one is refused
+    kw = {"regularizer": regularizer, **own.get(regularizer, {})}
     learner = PolicyLearner(tiny_llama_dir, _cfg(**kw))
     assert learner.step(_batch())["skipped"] == 0.0  # Adam has state to lose
     params, adam = _params(learner), _adam(learner)
@@ -163,16 +165,25 @@ def test_kl_starts_at_zero_and_reference_resets_bring_it_back(tiny_llama_dir):
     assert [plain.step(_batch())["policy/kl_to_reference"] > 1e-4 for _ in range(3)] == [False, True, True]
 
 
-def test_a_resumed_learner_takes_the_same_next_step(tiny_llama_dir):
+def test_a_resumed_learner_takes_the_same_next_step(tiny_llama_dir, tmp_path):
     a = PolicyLearner(tiny_llama_dir, _cfg(regularizer="kl", kl_beta=0.1))
     a.step(_batch())
-    state = a.state()
+    a.save(tmp_path)
+    assert not list(tmp_path.glob("*.pt"))  # tensors in safetensors, the rest JSON: nothing to unpickle
     a.step(_batch(advantages=(-1.0, 1.0)))
     b = PolicyLearner(tiny_llama_dir, _cfg(regularizer="kl", kl_beta=0.1, seed=1))
-    b.load_state(state)
+    b.load(tmp_path)
     assert b.step_count == 1
     b.step(_batch(advantages=(-1.0, 1.0)))
-    assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(a.params, b.params))
+    assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
+    assert _same_adam(_adam(a), _adam(b))
+
+
+def test_shards_split_the_batch_round_robin():
+    parts = [shard(_batch(), rank, 2) for rank in range(2)]
+    assert [p.prompt_ids for p in parts] == [[PROMPTS[0]], [PROMPTS[1]]]
+    assert [p.advantages for p in parts] == [[1.0], [-1.0]] and parts[0].max_new_tokens == 8
+    assert shard(_batch(), 2, 3).prompt_ids == []  # more ranks than sequences: an empty shard
 
 
 def test_engine_weights_and_the_exported_policy_are_the_trained_policy(tiny_llama_dir, tmp_path):
@@ -193,3 +204,19 @@ def test_engine_weights_and_the_exported_policy_are_the_trained_policy(tiny_llam
 def test_gr_needs_trainable_block_parameters(tiny_llama_dir):
     with pytest.raises(ValueError, match="transformer-block"):
         PolicyLearner(tiny_llama_dir, _cfg(regularizer="gr", lora=LoraConfig(target_modules=["lm_head"])))
+
+
+def test_learner_ranks_are_reserved_for_a_trial_and_their_engines_keep_fp32():
+    from ray_crm.config import ConfigError, validate
+    from ray_crm.rl.grpo_trainer import trial_bundles
+    from ray_crm.train.deepspeed_config import policy_deepspeed_config
+
+    rl = {"num_workers": 3, "zero_stage": 2, "learner_cpus": 0.5, "grad_clip": 0.3, "precision": "bf16"}
+    cfg = validate({"rl": rl})
+    ds = policy_deepspeed_config(cfg.rl, world_size=3)
+    assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 0.3
+    assert not ds["bf16"]["enabled"] and ds["train_batch_size"] == 3  # bf16 is autocast, weights stay fp32
+    one = trial_bundles(validate({"rl": {**rl, "num_workers": 1}}))
+    assert trial_bundles(cfg)[1]["CPU"] == pytest.approx(one[1]["CPU"] + 2 * 0.5)
+    with pytest.raises(ConfigError, match="zero_stage"):
+        validate({"rl": {"zero_stage": 3}})
