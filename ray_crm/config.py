@@ -271,6 +271,9 @@ class RLConfig(Section):
     clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip")
     whiten_advantages: bool = Field(True, description="scale advantages by the batch std: causal RMs shrink rewards")
     grad_clip: float = Field(1.0, gt=0.0)
+    advantage: Literal["dr_grpo", "rloo"] = Field(
+        "dr_grpo", description="dr_grpo: reward minus its prompt's mean; rloo: minus the mean of the prompt's other samples"
+    )
     regularizer: Literal["none", "kl", "reset", "gr"] = "gr"
     gr_gamma: float = Field(1e-2, ge=0.0, description="gr: strength of the gradient-norm penalty")
     gr_fd_eps: float = Field(1e-3, gt=0.0, description="gr: finite-difference step (not the PPO clip)")

@@ -105,8 +105,14 @@ def pad_pairs(rows: dict[str, Any], pad_id: int, device: torch.device | str = "c
     return pad_sequences(ids, types, pad_id, device)
 
 
-def export_reward_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, card: dict[str, Any]) -> Path:
-    """Write `out/merged` (plain HF folder), `out/adapter` (LoRA alone) and `out/model_card.json`."""
+DATA_MANIFEST = "data_manifest.json"
+
+
+def export_reward_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, card: dict[str, Any],
+                        manifest: dict[str, Any] | None = None) -> Path:
+    """Write `out/merged` (plain HF folder, with the `prepare` manifest of its training data as `DATA_MANIFEST`:
+    a PPO run bins its rollouts with the same extractors and bins), `out/adapter` (LoRA alone) and
+    `out/model_card.json`."""
     import shutil
 
     from transformers import AutoModelForSequenceClassification
@@ -126,5 +132,7 @@ def export_reward_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, ca
         model = AutoModelForSequenceClassification.from_pretrained(weights_dir, dtype=torch.float32)
     model.save_pretrained(merged_dir, safe_serialization=True)
     tok.save_pretrained(merged_dir)
+    if manifest is not None:
+        (merged_dir / DATA_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
     return merged_dir

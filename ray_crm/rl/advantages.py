@@ -12,17 +12,20 @@ import torch
 from torch import Tensor
 
 
-def rloo_advantages(rewards: Tensor, valid: Tensor | None = None) -> Tensor:
+def rloo_advantages(rewards: Tensor, whiten: bool = False, valid: Tensor | None = None) -> Tensor:
     """Advantages [P, N] from rewards [P, N]: r_i minus the mean of the prompt's other valid rewards.
 
     Rows that are not `valid` (default: non-finite rewards) get 0, as does a prompt with a single valid sample
-    (it has no other sample to compare with).
+    (it has no other sample to compare with). `whiten` divides by the valid advantages' std, as for Dr.GRPO.
     """
     valid = torch.isfinite(rewards) if valid is None else valid
     kept = torch.where(valid, rewards, 0.0)
     count = valid.sum(dim=1, keepdim=True)
     others = (kept.sum(dim=1, keepdim=True) - kept) / (count - 1).clamp(min=1)
-    return torch.where(valid & (count > 1), kept - others, 0.0)
+    adv = torch.where(valid & (count > 1), kept - others, 0.0)
+    if whiten and valid.sum() > 1:
+        adv = adv / (adv[valid].std() + 1e-8)
+    return adv
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:

@@ -29,6 +29,7 @@ Written to `<output_dir>/<name>/train-rl/` (or `rl.output_dir`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -44,8 +45,10 @@ import yaml
 
 from ray_crm.assets import resolve_model
 from ray_crm.checkpoint import latest_verified, write_checkpoint
-from ray_crm.config import Config, ConfigError, dump_config
+from ray_crm.config import Config, ConfigError, MonitorConfig, dump_config
+from ray_crm.rl.advantages import rloo_advantages
 from ray_crm.rl.learner_group import LearnerGroup
+from ray_crm.rl.monitor import Alarm, TrainingZ, alarms
 from ray_crm.rl.policy_learner import PolicyBatch
 from ray_crm.rl.policy_losses import finite_rows, group_advantages
 from ray_crm.rl.prompts import load_prompts
@@ -61,7 +64,7 @@ SETTINGS_SECTIONS = ("rl", "reward", "rollout")
 # ... but for these, which change how long, where or how fast it runs, not what it learns.
 RESUMABLE_KEYS = frozenset({
     "rl.steps", "rl.checkpoint_every", "rl.keep_checkpoints", "rl.output_dir", "rl.learner_cpus",
-    "rl.learner_threads",
+    "rl.learner_threads", *(f"rl.monitor.{key}" for key in MonitorConfig.model_fields),
     *(f"rollout.{key}" for key in (
         "engines", "cpus_per_engine", "engine_threads", "kv_cache_gib", "max_num_seqs", "max_num_batched_tokens",
         "enforce_eager", "gpu_memory_utilization", "gpu_fraction", "start_timeout_s", "generate_timeout_s",
@@ -183,6 +186,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
         if start:
             _sync(learner, pool, dtype, start, cfg.rollout.sync_timeout_s)
         row: dict[str, Any] = {}
+        monitor, history, stopped = TrainingZ.beside(cfg.reward.model), [], None
         for step in range(start, rl.steps):
             chosen = [prompts[order[(step * rl.prompts_per_step + i) % len(prompts)]]
                       for i in range(rl.prompts_per_step)]
@@ -195,7 +199,8 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
             t2 = time.perf_counter()
             valid, nonfinite = finite_rows(scores)
             reward = torch.tensor(scores[REWARD_KEY]).view(len(rollouts), -1)
-            advantages = group_advantages(reward, rl.whiten_advantages, valid.view_as(reward)).flatten().tolist()
+            estimate = rloo_advantages if rl.advantage == "rloo" else group_advantages
+            advantages = estimate(reward, rl.whiten_advantages, valid.view_as(reward)).flatten().tolist()
             keep = valid.nonzero().flatten().tolist()
             if len(keep) < len(flat):
                 logger.warning("rl step %d: %d of %d samples left out, scored non-finite (%s)", step + 1,
@@ -226,7 +231,12 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                 "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/learn_s": t3 - t2,
                 "time/sync_s": synced.seconds if synced else 0.0,
             }
+            fired = _watch(monitor, history, step + 1, row, [(r.prompt, c.text) for r, c in flat], cfg)
+            row["alarms"] = ",".join(a.rule for a in fired)
             log.write(step + 1, row)
+            if fired:
+                with open(out / "alarms.jsonl", "a") as fh:
+                    fh.writelines(json.dumps(dataclasses.asdict(a)) + "\n" for a in fired)
             if report is not None:
                 report({"step": step + 1, **row})
             samples.writelines(json.dumps({"step": step + 1, "prompt": r.prompt, "response": r.completions[0].text})
@@ -234,13 +244,34 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
             samples.flush()
             logger.info("rl step %d: reward %.4f, %.1f tokens, %s", step + 1, row.get(f"{REWARD_KEY}_mean", math.nan),
                         row["response_tokens_mean"], {k: round(v, 4) for k, v in row.items() if k.startswith("gold_")})
-            if (step + 1) % rl.checkpoint_every == 0 or step + 1 == rl.steps:
+            stop = bool(fired) and rl.monitor.stop
+            if (step + 1) % rl.checkpoint_every == 0 or step + 1 == rl.steps or stop:
                 _checkpoint(learner, ckpt_root, step + 1, rl.keep_checkpoints)
+            if stop:
+                stopped = {"step": step + 1, "alarms": [dataclasses.asdict(a) for a in fired]}
+                logger.error("rl step %d: stopping on the monitor's alarm (rl.monitor.stop): %s", step + 1,
+                             "; ".join(a.message for a in fired))
+                break
         policy_dir = learner.save_policy(out / "policy", during="exporting the policy")
-    summary = {**_paths(out), "policy": policy_dir, "steps": rl.steps,
-               "resumed_from_step": start if resumed is not None else None, "last": row}
+    summary = {**_paths(out), "policy": policy_dir, "steps": rl.steps if stopped is None else stopped["step"],
+               "resumed_from_step": start if resumed is not None else None, "stopped_by_alarm": stopped, "last": row}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _watch(monitor: TrainingZ | None, history: list[dict[str, float]], step: int, row: dict[str, Any],
+           samples: list[tuple[str, str]], cfg: Config) -> list[Alarm]:
+    """Add the rollouts' spurious variables to `row` (when the reward model carries its data manifest) and
+    return the monitor's alarms on the run so far; each is logged as a warning."""
+    if monitor is not None:
+        row.update(monitor.measure([p for p, _ in samples], [t for _, t in samples]))
+    if cfg.rl.regularizer == "kl" and "policy/kl_to_reference" in row:  # its reference is the initial policy
+        row["policy/kl_to_initial"] = row["policy/kl_to_reference"]
+    history.append({"step": step, **{k: v for k, v in row.items() if isinstance(v, int | float)}})
+    fired = alarms(history, cfg.rl.monitor, f"{REWARD_KEY}_mean", [f"{gold_key(g.name)}_mean" for g in cfg.reward.gold])
+    for alarm in fired:
+        logger.warning("rl step %d: alarm %s: %s", step, alarm.rule, alarm.message)
+    return fired
 
 
 def _paths(out: Path) -> dict[str, str]:

@@ -11,15 +11,17 @@ Plain numpy (no Ray, no torch), so the rules are tested on planted histories:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-from ray_crm.config import MonitorConfig, SpuriousConfig
-from ray_crm.data.binning import Binning
-from ray_crm.data.spurious import extract
+from ray_crm.config import MonitorConfig
+from ray_crm.data.zbins import ResponseBinner
+from ray_crm.models.loading import DATA_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -31,32 +33,40 @@ class Alarm:
 
 @dataclass(frozen=True)
 class TrainingZ:
-    """The spurious variables a reward model was trained on, and their training histogram per Z."""
+    """The spurious variables a reward model was trained on (`prepare`'s extractors and bins), and the share of
+    training responses in each bin, per Z."""
 
-    specs: tuple[SpuriousConfig, ...]
-    binning: Binning
-    train_share: tuple[np.ndarray, ...]  # per Z, the share of training responses in each of its bins
+    binner: ResponseBinner
+    train_share: tuple[np.ndarray, ...]
 
     @classmethod
     def from_manifest(cls, manifest: Mapping) -> TrainingZ:
         """From `prepare`'s manifest: the Z configs, the fitted bins and the train split's joint bin counts."""
-        binning = Binning.from_dict(manifest["binning"])
+        binner = ResponseBinner.from_manifest(manifest)
+        sizes = binner.binning.sizes
         train = manifest["splits"]["train"]
-        joint = np.add(train["bins_chosen"], train["bins_rejected"]).astype(float).reshape(binning.sizes)
+        joint = np.add(train["bins_chosen"], train["bins_rejected"]).astype(float).reshape(sizes)
         shares = []
-        for axis in range(len(binning.sizes)):
+        for axis in range(len(sizes)):
             marginal = joint.sum(axis=tuple(a for a in range(joint.ndim) if a != axis))
             shares.append(marginal / max(marginal.sum(), 1.0))
-        specs = tuple(SpuriousConfig.model_validate(s) for s in manifest["spurious"])
-        return cls(specs, binning, tuple(shares))
+        return cls(binner, tuple(shares))
 
-    def measure(self, prompts: Sequence[str], responses: Sequence[str],
-                count_tokens: Callable[[list[str]], Sequence[int]] | None = None) -> dict[str, float]:
+    @classmethod
+    def beside(cls, reward_model: str | None) -> TrainingZ | None:
+        """From the data manifest an exported reward model carries (`ray-crm train-rm` writes it into the
+        model's folder); None if it has none (a model trained elsewhere): the Z rules then stay silent."""
+        path = Path(reward_model) / DATA_MANIFEST if reward_model else None
+        if path is None or not path.is_file():
+            return None
+        return cls.from_manifest(json.loads(path.read_text()))
+
+    def measure(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
         """`z/<name>_mean` (numeric Z: its mean; a flag: its rate) and `z/<name>_tv`, the total variation between
         the rollouts' bin histogram and the training one (0: same, 1: disjoint)."""
-        values = {s.name: extract(s, prompts, responses, "chosen", count_tokens=count_tokens) for s in self.specs}
+        values = self.binner.values(prompts, responses)
         out = {}
-        for (name, ids), part, share in zip(self.binning.apply_each(values).items(), self.binning.parts,
+        for (name, ids), part, share in zip(self.binner.binning.apply_each(values).items(), self.binner.binning.parts,
                                             self.train_share, strict=True):
             if values[name].dtype.kind in "iuf":
                 out[f"z/{name}_mean"] = float(np.nanmean(values[name]))

@@ -370,7 +370,7 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
     with best.as_directory() as folder:
         card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest.get("hash"),
                 "metrics": best_metrics, "final_metrics": result.metrics}
-        merged = export_reward_model(cfg.model, Path(folder) / "model", out / "export", card)
+        merged = export_reward_model(cfg.model, Path(folder) / "model", out / "export", card, manifest)
         shutil.copy(Path(folder) / VAL_SCORES, out / "export" / VAL_SCORES)
     return {"model": str(merged), "run": name, "logs": str(out / "logs"), "final_step": result.metrics["step"],
             # every validation metric: a Tune trial's return value is its last result, ranked by any of them

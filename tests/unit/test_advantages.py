@@ -51,3 +51,10 @@ def test_gae_with_lambda_one_and_gamma_one_is_return_minus_value():
     adv, _ = gae(r, v, torch.ones(1, 3), gamma=1.0, lam=1.0)
     returns = torch.tensor([[1.5, 1.0, 2.0]])
     assert torch.allclose(adv, returns - v)
+
+
+def test_whitened_rloo_has_unit_std_over_valid_rows():
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [3.0, float("nan"), 5.0]])
+    adv = rloo_advantages(rewards, whiten=True)
+    valid = torch.isfinite(rewards)
+    assert torch.isclose(adv[valid].std(), torch.tensor(1.0)) and adv[1, 1] == 0

@@ -72,3 +72,21 @@ def test_training_z_measures_rollouts_with_the_fitted_bins_and_reports_their_dri
     assert drifted["z/length_tv"] == pytest.approx(2 / 3) and drifted["z/syc_mean"] == 1.0
     assert drifted["z/syc_tv"] == pytest.approx(60 / 75)
     assert drifted["z/length_mean"] == 16.0
+
+
+def test_train_rl_adds_the_rollouts_z_to_each_row_and_raises_the_alarm_on_a_planted_run():
+    from ray_crm.config import Config
+    from ray_crm.rl.grpo_trainer import _watch
+
+    cfg = Config.model_validate({"reward": {"gold": [{"name": "vader", "kind": "vader"}]},
+                                 "rl": {"regularizer": "kl", "monitor": {"window": 4}}})
+    gold = "gold_vader_mean"
+    monitor, history = TrainingZ.from_manifest(_manifest()), []
+    fired = []
+    for step in range(1, 5):
+        row = {"reward_mean": 0.1 * step, gold: 1.0 - 0.1 * step, "policy/kl_to_reference": 0.01 * step,
+               "skip_reason": ""}
+        fired = _watch(monitor, history, step, row, [("p", "yes you are right " * step)] * 2, cfg)
+        assert row["z/syc_mean"] == 1.0 and row["policy/kl_to_initial"] == pytest.approx(0.01 * step)
+    assert [a.rule for a in fired] == ["proxy_up_gold_down", "z_drift", "z_drift"] and history[-1]["step"] == 4
+    assert "skip_reason" not in history[-1]  # only numbers enter the trend rules
