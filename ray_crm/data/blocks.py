@@ -1,6 +1,7 @@
 """The per-block work of the prepare pipeline, as plain pyarrow functions that Ray Data runs in its tasks.
 
-1. `parse_file`: one input file -> normalized rows (pair fields, provenance, split, and the issue if any).
+1. `parse_file`: one piece of an input file -> normalized rows (pair fields, provenance, split, and the issue
+   if any).
 2. `measure_block`: marks duplicates, measures Z and tokenizes the good rows; rows that fail turn bad here.
 3. `bin_block`: the fitted bins of each response and the sampler's stratum; output columns only.
 A bad row keeps flowing with its `reason`/`field`/`detail` set, so nothing is dropped before the quarantine.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,7 @@ from ray_crm.config import DataConfig
 from ray_crm.data.binning import Binning
 from ray_crm.data.encode import PairEncoder, load_encoder
 from ray_crm.data.pairs import Issue, as_text, hash_split, pair_id, parse_split, to_pair
-from ray_crm.data.readers import InputFile, iter_records
+from ray_crm.data.readers import WHOLE, InputFile, Piece, iter_records
 from ray_crm.data.spurious import arrow_type, missing
 from ray_crm.data.zbins import ResponseBinner
 
@@ -73,13 +74,13 @@ def _normalize(record: dict[str, Any] | Issue, raw: str | None, file: InputFile,
     return row
 
 
-def parse_file(data: bytes, file: InputFile, cfg: DataConfig) -> Iterator[pa.Table]:
-    """Normalized rows of one input file, in tables of at most `cfg.block_rows` rows; one row per record the
-    reader counted (so the pipeline's row count is the number of records read)."""
+def parse_file(source: BinaryIO, file: InputFile, cfg: DataConfig, piece: Piece = WHOLE) -> Iterator[pa.Table]:
+    """Normalized rows of one piece of an input file, in tables of at most `cfg.block_rows` rows; one row per
+    record the reader counted (so the pipeline's row count is the number of records read)."""
     carried = carried_columns(cfg)
     schema = normalized_schema(carried)
     rows: list[dict[str, Any]] = []
-    records, read = iter_records(data, file), 0
+    records, read = iter_records(source, file, piece), 0
     for line, record, raw in records:
         read += 1
         row = _normalize(record, raw, file, cfg, carried)

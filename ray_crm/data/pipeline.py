@@ -4,8 +4,8 @@
 Ray tasks do all per-row work (parse, validate, Z, tokenizer); the driver sees only small columns - pair ids to
 find duplicates, split/reason/Z to count, fit the bins and audit - never texts or token ids. The data is
 materialized twice: after parsing (so the duplicate set is known before the heavy pass and the rows can be
-re-split into `block_rows` blocks for parallel work; one input file is one task) and after measuring
-(so counting, quarantining and writing do not re-tokenize).
+re-split into `block_rows` blocks for parallel work; one piece of an input file is one task, see
+`ray_crm.data.readers`) and after measuring (so counting, quarantining and writing do not re-tokenize).
 
 A run holds a lock on its output folder and writes into a temporary sibling that replaces the previous output
 only once everything is written and the records read are all accounted for (kept + quarantined), so a failed
@@ -34,7 +34,6 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
-from ray_crm.assets import sha256_file
 from ray_crm.config import Config, DataConfig
 from ray_crm.data.audit import audit, write_audit
 from ray_crm.data.binning import Binning, fit_binning
@@ -42,7 +41,7 @@ from ray_crm.data.blocks import SIDES, bin_block, measure_block, parse_file, z_a
 from ray_crm.data.encode import load_encoder
 from ray_crm.data.outdir import output_lock, staged_output
 from ray_crm.data.pairs import SPLITS
-from ray_crm.data.readers import InputFile, expand_inputs
+from ray_crm.data.readers import RANGE_BYTES, InputFile, Piece, Scan, expand_inputs, scan
 from ray_crm.runtime import init_ray
 
 MANIFEST = "manifest.json"
@@ -56,11 +55,20 @@ class PrepareError(RuntimeError):
     """Input that cannot become a training set: too many bad rows, no train pairs, no input, an unreadable file."""
 
 
-def _parse_batch(batch: dict[str, np.ndarray], files: dict[str, InputFile], cfg: DataConfig) -> Iterator[pa.Table]:
-    """The task's files read here, not by `read_binary_files`: it un-gzips by extension itself and fails the whole
-    job on a cut-off stream, where the reader keeps the records before the cut and names the file."""
-    for path in batch["path"]:
-        yield from parse_file(Path(path).read_bytes(), files[str(path)], cfg)
+def _scan(path: str, file: InputFile) -> Scan:
+    with open(path, "rb") as source:
+        return scan(source, file, RANGE_BYTES)
+
+
+def _parse_batch(batch: dict[str, np.ndarray], pieces: list[tuple[str, Piece]], files: dict[str, InputFile],
+                 cfg: DataConfig) -> Iterator[pa.Table]:
+    """The task's pieces, read here rather than by `read_binary_files`, which holds a whole file in one row,
+    un-gzips by extension itself and fails the whole job on a cut-off stream: the reader streams its piece, keeps
+    the records before a cut and names the file."""
+    for i in batch["piece"]:
+        path, piece = pieces[i]
+        with open(path, "rb") as source:
+            yield from parse_file(source, files[path], cfg, piece)
 
 
 def _collect(ds: ray.data.Dataset, columns: list[str]) -> pa.Table:
@@ -223,11 +231,15 @@ def _prepare(cfg: Config, out: Path, work: Path) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg)
     init_ray(cfg.ray)
     clock.lap("start")  # inputs, tokenizer, Ray
+    scans = {path: _scan(path, f) for path, f in files.items()}
+    clock.lap("scan_inputs")  # size, hash and pieces of every input, in one pass over its bytes
 
-    parsed = ray.data.from_items([{"path": p} for p in files], override_num_blocks=len(files)).map_batches(
-        _parse_batch, batch_size=1, batch_format="numpy", fn_kwargs={"files": files, "cfg": data}
+    pieces = [(path, piece) for path, s in scans.items() for piece in s.pieces]
+    tasks = ray.data.from_items([{"piece": i} for i in range(len(pieces))], override_num_blocks=len(pieces))
+    parsed = tasks.map_batches(
+        _parse_batch, batch_size=1, batch_format="numpy", fn_kwargs={"pieces": pieces, "files": files, "cfg": data}
     ).materialize()
-    records_read = parsed.count()  # parse_file gives one row per record each file was counted to hold
+    records_read = parsed.count()  # parse_file gives one row per record each piece was counted to hold
     _check_readable(parsed)
     clock.lap("read_validate")
     duplicates = find_duplicates(parsed, list(files.values())) if data.validation.deduplicate else {}
@@ -283,9 +295,8 @@ def _prepare(cfg: Config, out: Path, work: Path) -> dict[str, Any]:
     audit_paths = {kind: str(out / Path(p).name) for kind, p in write_audit(report, zc, zr, work).items()}
     clock.lap("audit")
 
-    inputs = [{"path": f.path, "format": f.format, "split": f.split, "bytes": Path(read).stat().st_size,
-               "sha256": sha256_file(read)} for read, f in files.items()]
-    clock.lap("hash_inputs")
+    inputs = [{"path": f.path, "format": f.format, "split": f.split, "bytes": scans[read].size,
+               "sha256": scans[read].sha256, "pieces": len(scans[read].pieces)} for read, f in files.items()]
     manifest = {
         "format_version": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

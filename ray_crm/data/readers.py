@@ -6,20 +6,31 @@ makes a reader raise: a bad record comes back as an `Issue`, and a file, or the 
 at all (a cut-off gzip stream, an unreadable Parquet footer or Arrow stream) as one `bad_file` Issue. Formats:
 JSON lines (.jsonl/.json, optionally .gz), CSV with a header, Parquet, and a folder saved by
 `datasets.Dataset.save_to_disk` (Arrow stream shards).
+
+A file is read in `Piece`s, each by its own task, and streamed in CHUNK_BYTES steps, so a task's memory does
+not grow with the file. `scan` makes one streaming pass over a file: its size and hash for the manifest, and
+its pieces: plain JSONL is cut into byte ranges of about RANGE_BYTES that end just after a newline, each with
+the number of its first line (newlines counted on the way), and Parquet into runs of whole row groups. A gzip
+stream has no random access, an Arrow stream must be read in order, and in CSV a quoted field may span lines,
+so that a newline is no record boundary without parsing all before it: those are one piece each (streamed;
+gzipped Parquet or Arrow, which need random access, are decompressed into memory).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import gzip
+import hashlib
 import io
 import json
+import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,18 +111,138 @@ def expand_inputs(paths: list[str] | dict[str, list[str]], fmt: str = "auto") ->
 _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
 BATCH_ROWS = 4096
 TAIL_BYTES = 2000  # of the partial line at a gzip cut, kept as its raw text
+RANGE_BYTES = 16 << 20  # of a piece, the unit of parallel reading (Parquet: uncompressed row group bytes)
+CHUNK_BYTES = 1 << 20  # read at a time: with one block of rows, what a reading task holds
+GZIP_STEP = 1 << 16  # decompressed at a time: what is lost at a break in the stream
 
 
-def _gunzip(data: bytes) -> tuple[bytes, str | None]:
-    """The decompressed bytes, and why the stream breaks off if it does: what came before the break is kept."""
-    parts: list[bytes] = []
+@dataclass(frozen=True)
+class Piece:
+    """What one task reads of a file: bytes [start, stop) from line `first` (plain JSONL), or row groups
+    [start, stop) from row `first` (Parquet); `stop` None reads to the end."""
+
+    start: int = 0
+    stop: int | None = None
+    first: int = 1
+
+
+WHOLE = Piece()
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What the driver learns of an input before reading it."""
+
+    size: int
+    sha256: str
+    pieces: tuple[Piece, ...]
+
+
+def scan(source: BinaryIO, file: InputFile, range_bytes: int) -> Scan:
+    """One streaming pass over a file: its size and hash (for the manifest), and the pieces to read it in."""
+    digest, size = hashlib.sha256(), 0
+    cuts = _LineCuts(range_bytes) if file.format == "jsonl" and not _gzipped(file) else None
+    while chunk := source.read(CHUNK_BYTES):
+        digest.update(chunk)
+        size += len(chunk)
+        if cuts:
+            cuts.feed(chunk)
+    if cuts:
+        pieces = cuts.pieces(size)
+    elif file.format == "parquet" and not _gzipped(file):
+        source.seek(0)
+        pieces = _row_group_pieces(source, range_bytes)
+    else:
+        pieces = [WHOLE]
+    return Scan(size, digest.hexdigest(), tuple(pieces))
+
+
+class _LineCuts:
+    """Where to cut a JSONL file: offsets just past a newline, at least `range_bytes` apart, each with the number
+    of the line it starts; fed the file's chunks in order, it holds the cuts, not the bytes."""
+
+    def __init__(self, range_bytes: int) -> None:
+        self._range = range_bytes
+        self._starts = [(0, 1)]  # (byte offset, line number)
+        self._pos = 0  # bytes fed
+        self._lines = 0  # newlines fed
+
+    def feed(self, chunk: bytes) -> None:
+        counted = 0
+        at = max(self._starts[-1][0] + self._range - 1 - self._pos, 0)  # a range holds at least range_bytes
+        while (newline := chunk.find(b"\n", at)) >= 0:
+            self._lines += chunk.count(b"\n", counted, newline + 1)
+            counted = newline + 1
+            self._starts.append((self._pos + counted, self._lines + 1))
+            at = newline + self._range
+        self._lines += chunk.count(b"\n", counted)
+        self._pos += len(chunk)
+
+    def pieces(self, size: int) -> list[Piece]:
+        starts = [s for s in self._starts if s[0] < size] or [(0, 1)]  # no empty range after a final newline
+        stops = [offset for offset, _ in starts[1:]] + [None]
+        return [Piece(offset, stop, line) for (offset, line), stop in zip(starts, stops)]
+
+
+def _row_group_pieces(source: BinaryIO, range_bytes: int) -> list[Piece]:
+    """Runs of whole row groups of about `range_bytes` uncompressed; one piece when the footer cannot be
+    trusted (its task then reports the file)."""
+    footer = _open_parquet(source)
+    if isinstance(footer, str):
+        return [WHOLE]
+    parquet, sizes = footer
+    pieces, start, first, held = [], 0, 1, 0
+    for group in range(len(sizes)):
+        held += parquet.metadata.row_group(group).total_byte_size
+        if held >= range_bytes or group == len(sizes) - 1:
+            pieces.append(Piece(start, group + 1, first))
+            first += sum(sizes[start: group + 1])
+            start, held = group + 1, 0
+    return pieces or [WHOLE]
+
+
+def _open_parquet(source: BinaryIO) -> tuple[pq.ParquetFile, list[int]] | str:
+    """The file and its row groups' row counts, or why its footer cannot be trusted."""
     try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
-            while part := fh.read1(1 << 16):  # small steps: little is lost at a break
-                parts.append(part)
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        return b"".join(parts), f"the gzip stream breaks off: {exc}"
-    return b"".join(parts), None
+        parquet = pq.ParquetFile(source, page_checksum_verification=True)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+    except _ARROW_ERRORS as exc:
+        return f"not a readable Parquet file: {exc}"
+    if min(sizes, default=0) < 0 or sum(sizes) != parquet.metadata.num_rows:
+        return f"the Parquet footer's row counts disagree: {sizes}, total {parquet.metadata.num_rows}"
+    return parquet, sizes
+
+
+def _gzipped(file: InputFile) -> bool:
+    return file.path.endswith(".gz")
+
+
+def _byte_range(source: BinaryIO, piece: Piece) -> Iterator[bytes]:
+    source.seek(piece.start)
+    left = sys.maxsize if piece.stop is None else piece.stop - piece.start
+    while left > 0 and (chunk := source.read(min(CHUNK_BYTES, left))):
+        left -= len(chunk)
+        yield chunk
+
+
+def _json_record(line: bytes) -> tuple[dict[str, Any] | Issue, str]:
+    """A non-blank line's record or why it is none, and its text."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Issue("undecodable", None, f"line is not UTF-8 (byte {exc.start})"), line.decode(
+            "utf-8", "backslashreplace")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Issue("malformed", None, f"invalid JSON: {exc.msg} (column {exc.colno})"), text
+    except RecursionError:
+        return Issue("malformed", None, "JSON nested too deeply to read"), text
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        return Issue("malformed", None, f"invalid JSON: {exc}"), text
+    if not isinstance(record, dict):
+        return Issue("malformed", None, f"a JSON {type(record).__name__} where an object was expected"), text
+    return record, text
 
 
 def _convert(batch: pa.RecordBatch, first: int) -> Iterator[Record]:
@@ -132,7 +263,7 @@ def _convert_row(batch: pa.RecordBatch, i: int) -> dict[str, Any] | Issue:
 
 
 class FileRecords:
-    """The records of one file's bytes (iterate once), and `count`: how many records the file holds.
+    """The records of one piece of a file (iterate once), and `count`: how many records the piece holds.
 
     `count` is found apart from parsing wherever the format allows (non-blank JSON lines, Parquet metadata row
     counts), else as the decoder yields them (CSV records, Arrow batches), plus one for a part that cannot be
@@ -140,67 +271,85 @@ class FileRecords:
     so a reader that loses a record is caught (`parse_file` compares).
     """
 
-    def __init__(self, data: bytes, file: InputFile) -> None:
+    def __init__(self, source: BinaryIO, file: InputFile, piece: Piece = WHOLE) -> None:
         self.file = file
+        self.piece = piece
         self.count = 0
-        self._cut: str | None = None
-        if file.path.endswith(".gz"):
-            data, self._cut = _gunzip(data)
-        self._data = data
+        self._source = source
+        self._cut: str | None = None  # why the gzip stream breaks off, once it has
+        self._tail = b""  # the partial line at the cut
+        self._newlines = 0  # in the whole lines read
 
     def __iter__(self) -> Iterator[Record]:
-        read = {"jsonl": self._jsonl, "csv": self._csv, "parquet": self._parquet, "hf": self._arrow_stream}
+        if self.file.format in ("jsonl", "csv"):
+            read = self._jsonl if self.file.format == "jsonl" else self._csv
+            yield from read(self._blocks())
+            if self._cut is not None:  # the whole lines before the cut were read
+                tail = self._tail[:TAIL_BYTES].decode("utf-8", "backslashreplace")
+                yield from self._bad_file(self.piece.first + self._newlines, self._cut, tail)
+            return
+        source = self._source
+        if _gzipped(self.file):
+            source = io.BytesIO(b"".join(self._gunzip()))
+            if self._cut is not None:  # a binary file's start is of no use without its end (a Parquet footer)
+                yield from self._bad_file(0, self._cut)
+                return
+        yield from (self._parquet if self.file.format == "parquet" else self._arrow_stream)(source)
+
+    def _gunzip(self) -> Iterator[bytes]:
+        """The decompressed bytes; a break in the stream ends them, and is kept as `_cut`."""
+        try:
+            with gzip.GzipFile(fileobj=self._source) as fh:
+                while part := fh.read1(GZIP_STEP):
+                    yield part
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            self._cut = f"the gzip stream breaks off: {exc}"
+
+    def _blocks(self) -> Iterator[bytes]:
+        """The piece's text in blocks of whole lines (a long line spans chunks), then the last line if it has no
+        newline - unless the stream broke off in it: that partial line is kept as `_tail`."""
+        chunks = self._gunzip() if _gzipped(self.file) else _byte_range(self._source, self.piece)
+        rest: list[bytes] = []
+        for chunk in chunks:
+            end = chunk.rfind(b"\n") + 1
+            if not end:
+                rest.append(chunk)
+                continue
+            block = b"".join([*rest, chunk[:end]])
+            self._newlines += block.count(b"\n")
+            yield block
+            rest = [chunk[end:]]
         if self._cut is None:
-            yield from read[self.file.format](self._data)
-        elif self.file.format in ("jsonl", "csv"):  # the whole lines before the cut are read
-            whole = self._data[: self._data.rfind(b"\n") + 1]
-            yield from read[self.file.format](whole)
-            tail = self._data[len(whole): len(whole) + TAIL_BYTES].decode("utf-8", "backslashreplace")
-            yield from self._bad_file(whole.count(b"\n") + 1, self._cut, tail)
-        else:  # a binary file's start is of no use without its end (a Parquet footer)
-            yield from self._bad_file(0, self._cut)
+            yield b"".join(rest)
+        else:
+            self._tail = b"".join(rest)
 
     def _bad_file(self, line: int, detail: str, raw: str | None = None) -> Iterator[Record]:
         self.count += 1
         yield line, Issue("bad_file", None, detail), raw
 
-    def _jsonl(self, data: bytes) -> Iterator[Record]:
-        lines = data.split(b"\n")
-        self.count += sum(1 for line in lines if line.strip())
-        for line_no, line in enumerate(lines, 1):
-            line = line.rstrip(b"\r")
-            if not line.strip():
-                continue  # a blank line is not a record
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield line_no, Issue("undecodable", None, f"line is not UTF-8 (byte {exc.start})"), line.decode(
-                    "utf-8", "backslashreplace")
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line_no, Issue("malformed", None, f"invalid JSON: {exc.msg} (column {exc.colno})"), text
-                continue
-            except RecursionError:
-                yield line_no, Issue("malformed", None, "JSON nested too deeply to read"), text
-                continue
-            except ValueError as exc:  # e.g. an integer of more than 4,300 digits
-                yield line_no, Issue("malformed", None, f"invalid JSON: {exc}"), text
-                continue
-            if not isinstance(record, dict):
-                yield line_no, Issue("malformed", None, f"a JSON {type(record).__name__} where an object was "
-                                                        f"expected"), text
-                continue
-            yield line_no, record, text
+    def _jsonl(self, blocks: Iterable[bytes]) -> Iterator[Record]:
+        line_no = self.piece.first
+        for block in blocks:
+            lines = block.split(b"\n")
+            if not lines[-1]:
+                lines.pop()  # what follows a block's final newline, or an empty last block
+            self.count += sum(1 for line in lines if line.strip())
+            for line in lines:
+                if line.strip():  # a blank line is not a record
+                    yield line_no, *_json_record(line.rstrip(b"\r"))
+                line_no += 1
 
-    def _csv(self, data: bytes) -> Iterator[Record]:
-        # surrogateescape keeps undecodable bytes visible to the per-field UTF-8 check instead of failing the file
-        text = data.decode("utf-8-sig", "surrogateescape")
-        # A response may well exceed the csv module's 128 KiB field limit; no field can exceed the file. Lifted,
-        # the limit was the one csv.Error a non-strict reader of a str can raise.
-        csv.field_size_limit(max(csv.field_size_limit(), len(text)))
-        reader = csv.reader(io.StringIO(text, newline=""))
+    def _csv(self, blocks: Iterable[bytes]) -> Iterator[Record]:
+        # surrogateescape keeps undecodable bytes visible to the per-field UTF-8 check instead of failing the file.
+        # Blocks end at a newline, so none splits a character or a \r\n: each decodes and splits into lines as
+        # the whole text would.
+        decoder = codecs.getincrementaldecoder("utf-8-sig")("surrogateescape")
+        lines = (line for block in blocks for line in io.StringIO(decoder.decode(block, final=True), newline=""))
+        # A response may well exceed the csv module's 128 KiB field limit, and the file is streamed, so the limit
+        # is lifted: it was the one csv.Error a non-strict reader of text can raise.
+        csv.field_size_limit(sys.maxsize)
+        reader = csv.reader(lines)
         header = next(reader, None)
         if header is None:
             return
@@ -216,21 +365,18 @@ class FileRecords:
                 continue
             yield line, dict(zip(header, row)), None
 
-    def _parquet(self, data: bytes) -> Iterator[Record]:
-        """Row groups are read apart: the rows of one that cannot be decoded are Issues, the others are read."""
-        try:
-            parquet = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
-            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
-        except _ARROW_ERRORS as exc:
-            yield from self._bad_file(0, f"not a readable Parquet file: {exc}")
+    def _parquet(self, source: BinaryIO) -> Iterator[Record]:
+        """The piece's row groups, read apart: the rows of one that cannot be decoded are Issues, the others
+        are read."""
+        footer = _open_parquet(source)
+        if isinstance(footer, str):
+            yield from self._bad_file(0, footer)
             return
-        if min(sizes, default=0) < 0 or sum(sizes) != parquet.metadata.num_rows:
-            yield from self._bad_file(0, f"the Parquet footer's row counts disagree: {sizes}, total "
-                                         f"{parquet.metadata.num_rows}")
-            return
-        self.count += sum(sizes)
-        first = 1
-        for group, size in enumerate(sizes):
+        parquet, sizes = footer
+        groups = range(self.piece.start, len(sizes) if self.piece.stop is None else self.piece.stop)
+        self.count += sum(sizes[g] for g in groups)
+        first = self.piece.first
+        for group in groups:
             row = first
             try:
                 for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group]):
@@ -238,15 +384,15 @@ class FileRecords:
                     row += batch.num_rows
             except _ARROW_ERRORS as exc:
                 issue = Issue("unreadable", None, f"row group {group} cannot be decoded from row {row} on: {exc}")
-                yield from ((r, issue, None) for r in range(row, first + size))
-            first += size
+                yield from ((r, issue, None) for r in range(row, first + sizes[group]))
+            first += sizes[group]
 
-    def _arrow_stream(self, data: bytes) -> Iterator[Record]:
+    def _arrow_stream(self, source: BinaryIO) -> Iterator[Record]:
         """An Arrow stream has no row count, and its batches must be read in order: the first one that cannot be
         read ends the file."""
         row = 1
         try:
-            for batch in pa.ipc.open_stream(pa.BufferReader(data)):
+            for batch in pa.ipc.open_stream(source):
                 batch.validate(full=True)  # to_pylist trusts the offsets and lengths the file holds
                 self.count += batch.num_rows
                 yield from _convert(batch, row)
@@ -255,6 +401,6 @@ class FileRecords:
             yield from self._bad_file(row, f"the Arrow stream cannot be read from row {row} on: {exc}")
 
 
-def iter_records(data: bytes, file: InputFile) -> FileRecords:
-    """The records of one file's bytes (an iterable that also counts them; see `FileRecords`)."""
-    return FileRecords(data, file)
+def iter_records(source: BinaryIO, file: InputFile, piece: Piece = WHOLE) -> FileRecords:
+    """The records of one piece of a file (an iterable that also counts them; see `FileRecords`)."""
+    return FileRecords(source, file, piece)

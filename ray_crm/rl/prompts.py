@@ -21,7 +21,9 @@ def load_prompts(paths: list[str], column: str, quarantine: Path) -> list[str]:
         return list(PROMPTS.values())
     prompts, bad = [], []
     for file in expand_inputs(paths):
-        for line, record, raw in iter_records(Path(file.path).read_bytes(), file):
+        with open(file.path, "rb") as source:
+            records = list(iter_records(source, file))
+        for line, record, raw in records:
             where = {"file": file.path, "line": line, "field": column}
             if isinstance(record, Issue):
                 bad.append({**where, "reason": record.reason, "detail": record.detail, "raw": raw})

@@ -1,10 +1,10 @@
 """`ray-crm prepare` on real Ray: a malformed multi-format input, the bad-fraction gate, an unreadable file, and
 VADER pairs.
 
-The malformed input holds one row of every kind of problem; the test checks that the quarantine holds each
-of them with its reason, file and line, that every good row arrives in exactly one split, and that the bins
-fitted on train reproduce the stored bin ids when re-applied to the test split. Failed runs must leave the
-previous output as it was.
+The malformed input holds one row of every kind of problem, and its JSONL and Parquet files are read in many
+pieces; the test checks that the quarantine holds each of them with its reason, file and true line, that every
+good row arrives in exactly one split, and that the bins fitted on train reproduce the stored bin ids when
+re-applied to the test split. Failed runs must leave the previous output as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_crm.config import validate
+from ray_crm.data import pipeline
 from ray_crm.data.binning import Binning, fit_binning
 from ray_crm.data.pairs import pair_id
 from ray_crm.data.pipeline import PrepareError, load_manifest, read_prepared, read_prepared_table, run_prepare
@@ -82,7 +83,7 @@ def write_messy_inputs(root: Path) -> tuple[list[dict], set[tuple[str, int, str]
     bad |= {("part.csv", n_csv + 1, "malformed"), ("part.csv", n_csv + 2, "undecodable")}
 
     pq_good = good_rows(20, seed=3)
-    pq.write_table(pa.Table.from_pylist(pq_good), root / "part.parquet")
+    pq.write_table(pa.Table.from_pylist(pq_good), root / "part.parquet", row_group_size=5)
     good += pq_good
 
     gz_good = good_rows(10, seed=5)
@@ -115,7 +116,9 @@ def messy(tmp_path_factory, tiny_bert_dir, ray_local):
     root = tmp_path_factory.mktemp("messy")
     good, bad = write_messy_inputs(root)
     cfg = validate(messy_config(root, tiny_bert_dir))
-    result = run_prepare(cfg)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "RANGE_BYTES", 1024)  # bad rows and the first of a duplicate in different pieces
+        result = run_prepare(cfg)
     return good, bad, result, cfg
 
 
@@ -169,6 +172,9 @@ def test_output_contract_and_manifest(messy):
     assert {i["path"].rsplit("/", 1)[1] for i in manifest["inputs"]} == {"messy.jsonl", "part.csv", "part.parquet",
                                                                          "part.jsonl.gz"}
     assert all(len(i["sha256"]) == 64 for i in manifest["inputs"])
+    pieces = {i["path"].rsplit("/", 1)[1]: i["pieces"] for i in manifest["inputs"]}
+    assert pieces["messy.jsonl"] > 5 and pieces["part.parquet"] > 1
+    assert pieces["part.csv"] == pieces["part.jsonl.gz"] == 1  # read whole, streamed
     assert manifest["tokenizer"]["mode"] == "text_pair" and manifest["versions"]["ray"]
     assert set(json.loads((out / "audit.json").read_text())) == {"length", "topic"}
     assert (out / "audit.png").stat().st_size > 0

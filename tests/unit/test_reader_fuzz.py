@@ -4,7 +4,8 @@ Valid JSONL, CSV, Parquet and Arrow-stream files (JSONL and CSV also gzipped) ar
 damaged: cut short, overwritten with random bytes, or spliced with random bytes, bad UTF-8, a line nested
 thousands deep or a 200 KiB field. Every file must give exactly as many rows (records + Issues) as its reader
 counted, that count must be what the format says where the test can know it (non-blank lines, Parquet
-metadata), and an undamaged file must read back exactly.
+metadata), and an undamaged file must read back exactly. Text is streamed in chunks of a random few bytes, and
+a plain JSONL file cut into pieces of random size must read as it reads whole.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import gzip
 import io
 import json
 import zlib
+from unittest.mock import patch
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,9 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ray_crm.config import DataConfig
+from ray_crm.data import readers
 from ray_crm.data.blocks import parse_file
 from ray_crm.data.pairs import REASONS, Issue
-from ray_crm.data.readers import InputFile, iter_records
+from ray_crm.data.readers import InputFile, iter_records, scan
 
 FUZZ = settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 EACH = settings(FUZZ, max_examples=8)  # per kind of splice
@@ -62,17 +65,22 @@ def damage(data: bytes, draw, splice: bytes | None = None) -> bytes:
     return data
 
 
+def chunked(size: int):
+    """Text read and decompressed `size` bytes at a time: lines and characters span chunks."""
+    return patch.multiple(readers, CHUNK_BYTES=size, GZIP_STEP=size)
+
+
 def read(data: bytes, name: str, fmt: str) -> tuple[int, list]:
     """The reader's count and rows; also through `parse_file`, whose tables must hold one row per record."""
     file = InputFile(name, fmt, None, 0)
-    records = iter_records(data, file)
+    records = iter_records(io.BytesIO(data), file)
     rows = list(records)  # must not raise
     assert len(rows) == records.count
     for line, record, raw in rows:
         assert isinstance(line, int) and line >= 0
         assert isinstance(record, dict) or (isinstance(record, Issue) and record.reason in REASONS)
         assert raw is None or isinstance(raw, str)
-    assert sum(t.num_rows for t in parse_file(data, file, CFG)) == records.count
+    assert sum(t.num_rows for t in parse_file(io.BytesIO(data), file, CFG)) == records.count
     return records.count, rows
 
 
@@ -87,16 +95,18 @@ def gzipped(content: bytes, draw) -> tuple[bytes, bytes | None]:
 
 @pytest.mark.parametrize("splice", JSONL_SPLICES)
 @EACH
-@given(pairs=PAIRS, gz=st.booleans(), data=st.data())
-def test_jsonl_never_raises_and_counts_non_blank_lines(splice, pairs, gz, data):
+@given(pairs=PAIRS, gz=st.booleans(), chunk=st.integers(1, 16), data=st.data())
+def test_jsonl_never_raises_and_counts_non_blank_lines(splice, pairs, gz, chunk, data):
     raw = b"".join(json.dumps(p).encode() + b"\n" for p in pairs)
     content = damage(raw, data.draw, splice)
     if not gz:
-        count, rows = read(content, "d.jsonl", "jsonl")
+        with chunked(chunk):
+            count, rows = read(content, "d.jsonl", "jsonl")
         assert count == sum(1 for line in content.split(b"\n") if line.strip())
     else:
         blob, plain = gzipped(content, data.draw)
-        count, rows = read(blob, "d.jsonl.gz", "jsonl")
+        with chunked(chunk):
+            count, rows = read(blob, "d.jsonl.gz", "jsonl")
         if plain is None:
             assert rows[-1][1].reason == "bad_file"
         else:
@@ -108,8 +118,8 @@ def test_jsonl_never_raises_and_counts_non_blank_lines(splice, pairs, gz, data):
 
 @pytest.mark.parametrize("splice", CSV_SPLICES)
 @EACH
-@given(pairs=PAIRS, gz=st.booleans(), data=st.data())
-def test_csv_never_raises_and_counts_the_csv_modules_records(splice, pairs, gz, data):
+@given(pairs=PAIRS, gz=st.booleans(), chunk=st.integers(1, 16), data=st.data())
+def test_csv_never_raises_and_counts_the_csv_modules_records(splice, pairs, gz, chunk, data):
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["prompt", "chosen", "rejected", "meta"])
@@ -118,12 +128,14 @@ def test_csv_never_raises_and_counts_the_csv_modules_records(splice, pairs, gz, 
     content = damage(raw, data.draw, splice)
     if gz:
         blob, content = gzipped(content, data.draw)
-        count, rows = read(blob, "d.csv.gz", "csv")
+        with chunked(chunk):
+            count, rows = read(blob, "d.csv.gz", "csv")
         if content is None:
             assert rows[-1][1].reason == "bad_file"
             return
     else:
-        count, rows = read(content, "d.csv", "csv")
+        with chunked(chunk):
+            count, rows = read(content, "d.csv", "csv")
     expected = list(csv.reader(io.StringIO(content.decode("utf-8-sig", "surrogateescape"), newline="")))
     assert count == sum(1 for row in expected[1:] if row)
     if content == raw:
@@ -132,8 +144,8 @@ def test_csv_never_raises_and_counts_the_csv_modules_records(splice, pairs, gz, 
 
 
 @FUZZ
-@given(PAIRS, st.integers(1, 4), st.sampled_from(["none", "snappy", "zstd"]), st.data())
-def test_parquet_never_raises_and_counts_the_footers_rows(pairs, group_rows, compression, data):
+@given(PAIRS, st.integers(1, 4), st.sampled_from(["none", "snappy", "zstd"]), st.integers(1, 400), st.data())
+def test_parquet_never_raises_and_counts_the_footers_rows(pairs, group_rows, compression, range_bytes, data):
     schema = pa.schema([(k, pa.string()) for k in ("prompt", "chosen", "rejected", "meta")])
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(pairs, schema), buf, row_group_size=group_rows, compression=compression,
@@ -148,6 +160,9 @@ def test_parquet_never_raises_and_counts_the_footers_rows(pairs, group_rows, com
         assert count == len(pairs)
     if blob == raw:
         assert [r for _, r, _ in rows] == pairs
+    file = InputFile("d.parquet", "parquet", None, 0)
+    pieces = scan(io.BytesIO(blob), file, range_bytes).pieces  # runs of row groups read as the whole file
+    assert [row for piece in pieces for row in iter_records(io.BytesIO(blob), file, piece)] == rows
 
 
 @FUZZ
@@ -163,3 +178,17 @@ def test_arrow_stream_never_raises(pairs, batch_rows, data):
     _, rows = read(blob, "d.arrow", "hf")
     if blob == raw:
         assert [r for _, r, _ in rows] == pairs
+
+
+@pytest.mark.parametrize("splice", JSONL_SPLICES)
+@EACH
+@given(pairs=PAIRS, range_bytes=st.integers(1, 64), chunk=st.integers(1, 16), data=st.data())
+def test_jsonl_pieces_read_as_the_whole_file(splice, pairs, range_bytes, chunk, data):
+    content = damage(b"".join(json.dumps(p).encode() + b"\n" for p in pairs), data.draw, splice)
+    count, whole = read(content, "d.jsonl", "jsonl")
+    file = InputFile("d.jsonl", "jsonl", None, 0)
+    with chunked(chunk):
+        pieces = scan(io.BytesIO(content), file, range_bytes).pieces
+        parts = [iter_records(io.BytesIO(content), file, piece) for piece in pieces]
+        assert [row for part in parts for row in part] == whole
+    assert sum(part.count for part in parts) == count

@@ -1,10 +1,14 @@
-"""Formats, column mapping and per-record validation: every bad record becomes an Issue with its line, and every
-reader counts what a file holds (random damage is fuzzed in test_reader_fuzz.py)."""
+"""Formats, column mapping and per-record validation: every bad record becomes an Issue with its line, every
+reader counts what a file holds, and a file read in pieces gives what it gives read whole (random damage is
+fuzzed in test_reader_fuzz.py)."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,21 +16,28 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_crm.config import ColumnsConfig, DataConfig, SplitConfig
-from ray_crm.data import blocks
+from ray_crm.data import blocks, readers
 from ray_crm.data.pairs import Issue, as_text, hash_split, pair_id, parse_split, to_pair
-from ray_crm.data.readers import InputFile, expand_inputs, iter_records
+from ray_crm.data.readers import WHOLE, InputFile, Piece, expand_inputs, iter_records, scan
 
 COLS = ColumnsConfig()
 PAIR = {"prompt": "q", "chosen": "a", "rejected": "b"}
 
 
-def records(path: Path) -> list:
-    """The file's records, checked to be as many as its reader counted."""
+def records(path: Path, piece: Piece = WHOLE) -> list:
+    """The records of a file (or a piece of it), checked to be as many as its reader counted."""
     (file,) = expand_inputs([str(path)])
-    got = iter_records(path.read_bytes(), file)
-    out = list(got)
+    with path.open("rb") as source:
+        got = iter_records(source, file, piece)
+        out = list(got)
     assert len(out) == got.count
     return out
+
+
+def pieces(path: Path, range_bytes: int) -> tuple:
+    (file,) = expand_inputs([str(path)])
+    with path.open("rb") as source:
+        return scan(source, file, range_bytes).pieces
 
 
 def reasons(got: list) -> list:
@@ -124,7 +135,8 @@ def test_saved_hf_dataset_folder(tmp_path):
     ds.save_to_disk(tmp_path / "hf")
     (file,) = expand_inputs([str(tmp_path / "hf")])
     assert file.format == "hf"
-    got = list(iter_records(Path(file.path).read_bytes(), file))
+    with open(file.path, "rb") as source:
+        got = list(iter_records(source, file))
     assert [to_pair(r, COLS)[1] for _, r, _ in got] == ["a", "b", "c"]
     datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "dd")
     with pytest.raises(ValueError, match="name one split folder"):
@@ -239,7 +251,7 @@ def test_a_cut_arrow_stream_keeps_the_batches_before_the_cut(tmp_path):
         writer.write_table(table, max_chunksize=2)
     data = sink.getvalue().to_pybytes()
     file = InputFile("d.arrow", "hf", None, 0)
-    got = iter_records(data[: len(data) - 200], file)
+    got = iter_records(io.BytesIO(data[: len(data) - 200]), file)
     assert reasons(list(got)) == [(1, "ok"), (2, "ok"), (3, "ok"), (4, "ok"), (5, "bad_file")] and got.count == 5
 
 
@@ -247,6 +259,61 @@ def test_parse_file_fails_naming_the_counts_if_a_reader_loses_a_record(monkeypat
     class Lossy(list):
         count = 2
 
-    monkeypatch.setattr(blocks, "iter_records", lambda data, file: Lossy([(1, dict(PAIR), None)]))
+    monkeypatch.setattr(blocks, "iter_records", lambda source, file, piece: Lossy([(1, dict(PAIR), None)]))
     with pytest.raises(RuntimeError, match="d.jsonl: the reader counted 2 records but gave 1"):
-        list(blocks.parse_file(b"", InputFile("d.jsonl", "jsonl", None, 0), DataConfig()))
+        list(blocks.parse_file(io.BytesIO(), InputFile("d.jsonl", "jsonl", None, 0), DataConfig()))
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+@pytest.mark.parametrize("range_bytes", [1, 40, 150])
+def test_jsonl_pieces_keep_the_true_line_numbers(tmp_path, monkeypatch, chunk, range_bytes):
+    monkeypatch.setattr(readers, "CHUNK_BYTES", chunk)  # also lines that span chunks
+    good = [json.dumps({**PAIR, "prompt": f"q{i}"}).encode() for i in range(8)]
+    lines = [good[0], b"", good[1] + b"\r", b"  ", good[2], good[3], good[4], b"{bad json", b"\r", good[5], b"",
+             good[6] + b"\r", good[7]]  # blank lines, CRLF, and no newline after the last record
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    whole = records(path)
+    cut = pieces(path, range_bytes)
+    assert len(cut) > 2 and cut[0].start == 0 and cut[-1].stop is None
+    data = path.read_bytes()
+    for before, after in pairwise(cut):
+        assert before.stop == after.start and data[after.start - 1: after.start] == b"\n"
+        assert after.first == data[: after.start].count(b"\n") + 1
+    assert [row for piece in cut for row in records(path, piece)] == whole
+    assert reasons(whole) == [(1, "ok"), (3, "ok"), (5, "ok"), (6, "ok"), (7, "ok"), (8, "malformed"), (10, "ok"),
+                              (12, "ok"), (13, "ok")]
+    assert next(p for p in cut if p.start <= data.index(b"{bad") < (p.stop or len(data))) != cut[0]
+
+
+def test_a_file_ending_in_a_newline_has_no_empty_last_piece(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"".join(json.dumps(PAIR).encode() + b"\n" for _ in range(4)))
+    cut = pieces(path, 1)
+    assert [(p.start, p.first) for p in cut] == [(i * len(json.dumps(PAIR)) + i, i + 1) for i in range(4)]
+    (tmp_path / "e.jsonl").write_bytes(b"")
+    assert pieces(tmp_path / "e.jsonl", 1) == (WHOLE,) and records(tmp_path / "e.jsonl") == []
+
+
+def test_scan_hashes_every_format_and_cuts_only_plain_jsonl_and_parquet(tmp_path):
+    text = "".join(json.dumps(PAIR) + "\n" for _ in range(50)).encode()
+    files = {"d.jsonl.gz": gzip.compress(text), "d.csv": b"prompt,chosen,rejected\n" + b"q,a,b\n" * 50}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        (file,) = expand_inputs([str(tmp_path / name)])
+        with (tmp_path / name).open("rb") as source:
+            got = scan(source, file, 1)
+        assert got.pieces == (WHOLE,) and got.size == len(data) and got.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_parquet_pieces_are_runs_of_row_groups(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": [f"q{i}" for i in range(5)], "chosen": ["a"] * 5, "rejected": ["b"] * 5}),
+                   path, row_group_size=2)
+    assert pieces(path, 1) == (Piece(0, 1, 1), Piece(1, 2, 3), Piece(2, 3, 5))
+    assert pieces(path, 1 << 20) == (Piece(0, 3, 1),)
+    whole = records(path)
+    assert [row for piece in pieces(path, 1) for row in records(path, piece)] == whole
+    assert [line for line, _, _ in whole] == [1, 2, 3, 4, 5]
+    path.write_bytes(path.read_bytes()[:-10])  # an unreadable footer: one piece, which its task reports
+    assert pieces(path, 1) == (WHOLE,) and reasons(records(path)) == [(0, "bad_file")]
