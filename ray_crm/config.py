@@ -68,6 +68,13 @@ class LoraConfig(Section):
     target_modules: list[str] | None = Field(None, description="None: the backbone's attention projections")
 
 
+class PolicyLoraConfig(LoraConfig):
+    """LoRA of the RL policy: smaller defaults than a reward model's, kept when one key is overridden."""
+
+    rank: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+
+
 class ModelConfig(Section):
     """A backbone: an asset alias ('minilm', 'smollm2') or a path to an HF folder."""
 
@@ -259,7 +266,7 @@ class RLConfig(Section):
         0, description="ZeRO stage of the learner: 1 shards Adam, 2 also the gradients. Not 3: GR perturbs and "
         "restores every trainable weight and each rank recomputes the reference policy's log-probs, which "
         "ZeRO-3's sharded weights would make a gather per forward pass")
-    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(rank=16, alpha=32))
+    lora: PolicyLoraConfig = Field(default_factory=PolicyLoraConfig)
     prompts: list[str] = Field(
         default_factory=list, description="JSONL/CSV/Parquet files with a prompt column; empty: the VADER task prompts"
     )

@@ -283,3 +283,9 @@ def test_a_numeric_key_set_to_zero_negative_or_non_finite_is_refused_by_name_or_
         kept = functools.reduce(lambda node, part: node[int(part)] if part.isdigit() else getattr(node, part),
                                 key.split("."), cfg)
         assert kept == value and _allowed(kept, _bounds(field)), f"{override} was accepted as {kept!r}"
+
+
+def test_overriding_one_rl_lora_key_keeps_the_other_rl_defaults():
+    cfg = load_config(None, ["rl.lora.rank=8"])
+    assert (cfg.rl.lora.rank, cfg.rl.lora.alpha) == (8, 32)
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha) == (64, 128)

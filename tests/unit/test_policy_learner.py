@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ray_crm.config import LoraConfig, RLConfig
+from ray_crm.config import PolicyLoraConfig, RLConfig
 from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences, shard, token_logprobs
 
 PROMPTS = [[1, 7, 9, 12], [1, 30]]
@@ -17,7 +17,7 @@ T = 0.7
 
 
 def _cfg(**kw) -> RLConfig:
-    base = {"lr": 5e-2, "micro_batch_size": 1, "regularizer": "none", "lora": LoraConfig(rank=4, alpha=8)}
+    base = {"lr": 5e-2, "micro_batch_size": 1, "regularizer": "none", "lora": PolicyLoraConfig(rank=4, alpha=8)}
     return RLConfig(**{**base, **kw})
 
 
@@ -112,7 +112,7 @@ def test_gr_with_gamma_zero_steps_like_no_regularizer_and_gamma_changes_the_step
 
 
 def test_gr_perturbs_only_transformer_block_parameters(tiny_llama_dir):
-    learner = PolicyLearner(tiny_llama_dir, _cfg(regularizer="gr", lora=LoraConfig(enabled=False)))
+    learner = PolicyLearner(tiny_llama_dir, _cfg(regularizer="gr", lora=PolicyLoraConfig(enabled=False)))
     perturbed = {n for n, moved in zip(learner.names, learner.perturb) if moved}
     assert perturbed and all(".layers." in n for n in perturbed)
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(learner.names) - perturbed
@@ -203,7 +203,7 @@ def test_engine_weights_and_the_exported_policy_are_the_trained_policy(tiny_llam
 
 def test_gr_needs_trainable_block_parameters(tiny_llama_dir):
     with pytest.raises(ValueError, match="transformer-block"):
-        PolicyLearner(tiny_llama_dir, _cfg(regularizer="gr", lora=LoraConfig(target_modules=["lm_head"])))
+        PolicyLearner(tiny_llama_dir, _cfg(regularizer="gr", lora=PolicyLoraConfig(target_modules=["lm_head"])))
 
 
 def test_learner_ranks_are_reserved_for_a_trial_and_their_engines_keep_fp32():
