@@ -15,9 +15,9 @@ ROOT = Path(__file__).parents[2]
 EXCLUDED = [
     ".env", ".env.production", "cluster/.env", "deploy/prod.env", "server.pem", "cluster/tls/ca.pem",
     "cluster/tls/server.key", "id_rsa", "id_rsa.pub", "home/.ssh/id_rsa", "keys/id_ed25519", "credentials",
-    ".aws/credentials", "cluster/gcp-credentials.json", ".netrc", ".git/config", ".git", "outputs/run/model.pt",
+    ".aws/credentials", "deploy/gcp-credentials.json", ".netrc", ".git/config", ".git", "outputs/run/model.pt",
     "outputs", ".venv/bin/python", "data/pairs.jsonl", "data/pairs.jsonl.gz", "x/train.parquet", "raw.csv",
-    "shards/00000.arrow", "ray_crm/__pycache__/cli.cpython-311.pyc",
+    "shards/00000.arrow", "pkg/__pycache__/mod.cpython-311.pyc",
 ]
 KEPT = ["pyproject.toml", "README.md", "cluster/Dockerfile", "ray_crm/cli.py",
         "ray_crm/resources/demographic_keywords.json", "configs/prepare_vader.yaml"]
