@@ -23,9 +23,15 @@ def rloo_advantages(rewards: Tensor, whiten: bool = False, valid: Tensor | None 
     count = valid.sum(dim=1, keepdim=True)
     others = (kept.sum(dim=1, keepdim=True) - kept) / (count - 1).clamp(min=1)
     adv = torch.where(valid & (count > 1), kept - others, 0.0)
-    if whiten and valid.sum() > 1:
-        adv = adv / (adv[valid].std() + 1e-8)
-    return adv
+    return whitened(adv, valid) if whiten else adv
+
+
+def whitened(advantages: Tensor, valid: Tensor) -> Tensor:
+    """Advantages divided by the std of the `valid` ones: a reward model's scale then does not set the step size
+    (causal RMs shrink rewards). With one valid row or none every advantage is already 0 and stays so."""
+    if valid.sum() <= 1:
+        return advantages
+    return advantages / (advantages[valid].std() + 1e-8)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:

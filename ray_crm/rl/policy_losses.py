@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils import get_total_norm
 
+from ray_crm.rl.advantages import whitened
+
 
 def finite_rows(scores: Mapping[str, Sequence[float]]) -> tuple[Tensor, dict[str, int]]:
     """Rows [B] that every score (the reward and each gold score) is finite for, and each score's count of
@@ -40,9 +42,7 @@ def group_advantages(rewards: Tensor, whiten: bool = False, valid: Tensor | None
     kept = torch.where(valid, rewards, 0.0)
     mean = kept.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
     adv = torch.where(valid, kept - mean, 0.0)
-    if whiten and valid.sum() > 1:  # with one valid row or none every advantage is already 0
-        adv = adv / (adv[valid].std() + 1e-8)
-    return adv
+    return whitened(adv, valid) if whiten else adv
 
 
 def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
