@@ -105,20 +105,38 @@ class MMDConfig(Section):
 
 
 class LossConfig(Section):
-    """Bradley-Terry, or causal RM = BT + lambda * sum of MMD between bins of Z."""
+    """The pair loss, by name (`ray_crm.losses.PAIR_LOSSES`). Reward models: `bt` (Bradley-Terry) or `crm` (BT +
+    lambda * sum of MMD between bins of Z). Policies trained on the pairs directly: `dpo`, `ipo`, or
+    `causal_dpo` (DPO + the same penalty on the implicit reward beta * log(pi / pi_ref))."""
 
-    type: Literal["bt", "crm"] = "bt"
+    type: Literal["bt", "crm", "dpo", "ipo", "causal_dpo"] = "bt"
     variant: Literal["unconditional", "conditional"] = "unconditional"
     lambda_mmd: float = Field(0.0, ge=0.0)
+    beta: float = Field(0.1, gt=0.0, description="DPO's inverse temperature (dpo, ipo, causal_dpo)")
     mmd: MMDConfig = Field(default_factory=MMDConfig)
 
+    @property
+    def trains_policy(self) -> bool:
+        """Whether the model is a causal LM scored by its implicit reward (the DPO family), not a reward head."""
+        return self.type in POLICY_LOSSES
+
     @model_validator(mode="after")
-    def _bt_has_no_penalty(self) -> LossConfig:
-        """bt still reads variant and mmd's kernel: they define the val_mmd it reports."""
-        if self.type == "bt":
-            _reject_unused(self, {"lambda_mmd": "loss.type=bt trains without the MMD penalty; set loss.type=crm",
-                                  "mmd.on": "loss.type=bt puts no penalty on representations; set loss.type=crm"})
+    def _type_reads_its_settings(self) -> LossConfig:
+        """Losses without the penalty still read variant and mmd's kernel: they define the val_mmd reported."""
+        unused = {}
+        if self.type not in PENALIZED_LOSSES:
+            unused["lambda_mmd"] = f"loss.type={self.type} trains without the MMD penalty; set loss.type=crm or causal_dpo"
+            unused["mmd.on"] = f"loss.type={self.type} puts no penalty on representations; set loss.type=crm"
+        if self.type == "causal_dpo":
+            unused["mmd.on"] = "causal_dpo's penalty is on the implicit reward; there is no pooled representation"
+        if not self.trains_policy:
+            unused["beta"] = f"loss.type={self.type} trains a reward head; beta is DPO's (dpo, ipo, causal_dpo)"
+        _reject_unused(self, unused)
         return self
+
+
+POLICY_LOSSES = ("dpo", "ipo", "causal_dpo")
+PENALIZED_LOSSES = ("crm", "causal_dpo")
 
 
 class TrainConfig(Section):
@@ -327,7 +345,7 @@ class SearchSpace(Section):
 class SweepConfig(Section):
     """Ray Tune over a stage's entry: search space keyed by dotted config keys; accuracy vs bias."""
 
-    stage: Literal["train-rm", "train-rl"] = Field(
+    stage: Literal["train-rm", "train-dpo", "train-rl"] = Field(
         "train-rm", description="train-rl: metric/bias_metric are rl.csv columns, e.g. gold_vader_mean / response_tokens_mean"
     )
     space: dict[str, SearchSpace] = Field(default_factory=dict)
@@ -581,6 +599,26 @@ class Config(Section):
         return name
 
     @model_validator(mode="after")
+    def _dpo_reference_is_the_base(self) -> Config:
+        """DPO's reference is the policy with its LoRA adapter off: a full fine-tune would need a second copy."""
+        if self.loss.trains_policy and not self.model.lora.enabled:
+            error = PydanticCustomError("no_reference", "loss.type={type} scores the reference with the LoRA adapter "
+                                        "disabled; keep model.lora.enabled=true", {"type": self.loss.type})
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [{"type": error, "loc": ("model", "lora", "enabled"), "input": False}])
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_stage_fits_the_loss(self) -> Config:
+        pair_stage = "train-dpo" if self.loss.trains_policy else "train-rm"
+        if self.sweep.stage in ("train-rm", "train-dpo") and self.sweep.stage != pair_stage and self.sweep.space:
+            error = PydanticCustomError("wrong_stage", "loss.type={type} trains with {stage}",
+                                        {"type": self.loss.type, "stage": pair_stage})
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [{"type": error, "loc": ("sweep", "stage"), "input": self.sweep.stage}])
+        return self
+
+    @model_validator(mode="after")
     def _checkpoint_metric_is_reported(self) -> Config:
         """Ray ranks checkpoints by this metric only once training has ended: a typo must fail here instead."""
         metric, names = self.train.checkpoint_metric, sorted(validation_metric_names(self))
@@ -616,8 +654,13 @@ def run_name(cfg: Config) -> str:
     keyed = {k: dumped[k] for k in ("model", "loss", "train", "data")}
     keyed["train"].pop("max_failures", None)
     keyed["data"].pop("twins", None)  # scored, never trained on
+    if not cfg.loss.trains_policy:
+        keyed["loss"].pop("beta")  # read by DPO alone: reward models keep the names they had before it existed
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
-    tag = "bt" if cfg.loss.type == "bt" else f"crm-{cfg.loss.variant[:4]}-l{cfg.loss.lambda_mmd:g}"
+    loss = cfg.loss
+    tag = loss.type + (f"-b{loss.beta:g}" if loss.trains_policy else "")
+    if loss.type in PENALIZED_LOSSES:
+        tag += f"-{loss.variant[:4]}-l{loss.lambda_mmd:g}"
     return f"{cfg.name}-{tag}-{digest}"
 
 

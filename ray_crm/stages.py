@@ -35,6 +35,9 @@ STAGES: dict[str, Stage] = {
               "read, validate, measure spurious variables, bin, tokenize and audit preference pairs"),
         Stage("train-rm", "ray_crm.train.rm_trainer:run_train_rm",
               "train a reward model (Bradley-Terry or causal RM) on Ray Train + DeepSpeed + LoRA, and export it"),
+        Stage("train-dpo", "ray_crm.train.rm_trainer:run_train_dpo",
+              "train a causal LM policy on the pairs by DPO, IPO or Causal DPO (MMD on the implicit reward across "
+              "bins of Z) on Ray Train + DeepSpeed + LoRA, and export it"),
         Stage("train-rl", "ray_crm.rl.grpo_trainer:run_train_rl",
               "GRPO of a policy against a trained RM on Ray (vLLM rollouts), with gradient regularization or the "
               "KL / reference-reset baselines"),

@@ -39,6 +39,7 @@ JOBS: dict[str, tuple[str, list[str], list[str]]] = {
     "prepare": ("configs/prepare_vader.yaml", [], []),
     "bench": ("configs/bench_length.yaml", [], []),
     "train-rm": ("configs/demo.yaml", ["rm-gpu"], GPU),
+    "train-dpo": ("configs/dpo_length.yaml", ["rm-gpu"], GPU),
     "sweep": ("configs/demo.yaml", ["rm-gpu"], GPU),
     "demo": ("configs/demo.yaml", ["rm-gpu"], GPU),
 }

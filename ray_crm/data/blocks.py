@@ -107,13 +107,16 @@ def _with_issues(table: pa.Table, issues: Mapping[int, Issue]) -> pa.Table:
     return table
 
 
-def measured_types(cfg: DataConfig, type_ids: bool | None) -> dict[str, pa.DataType]:
-    """Columns `measure_block` adds; `type_ids` is None when nothing is tokenized."""
+def measured_types(cfg: DataConfig, encoder: PairEncoder | None) -> dict[str, pa.DataType]:
+    """Columns `measure_block` adds: token ids only when `cfg.tokenize` and there is an encoder; token type ids
+    for text pairs that have them; where each response starts for chat texts (what DPO learns from)."""
     types = {f"z_{s.name}_{side}": arrow_type(s) for side in SIDES for s in cfg.spurious}
-    if type_ids is not None:
+    if cfg.tokenize and encoder is not None:
         types.update({f"{side}_input_ids": pa.list_(pa.int32()) for side in SIDES})
-        if type_ids:
+        if encoder.type_ids:
             types.update({f"{side}_token_type_ids": pa.list_(pa.int8()) for side in SIDES})
+        if encoder.mode == "chat":
+            types.update({f"{side}_response_start": pa.int32() for side in SIDES})
     return types | {"truncated": pa.bool_()}
 
 
@@ -133,6 +136,8 @@ def _measure(good: pa.Table, cfg: DataConfig, encoder: PairEncoder | None,
             new[f"{side}_input_ids"] = enc.input_ids
             if enc.token_type_ids is not None:
                 new[f"{side}_token_type_ids"] = enc.token_type_ids
+            if enc.response_starts is not None:
+                new[f"{side}_response_start"] = enc.response_starts
             over = np.asarray(enc.lengths) > max_length
             truncated |= over
             if cfg.validation.on_overlong == "quarantine":
@@ -166,7 +171,7 @@ def measure_block(
     good_mask = pc.is_null(table["reason"])
     good, bad = table.filter(good_mask), table.filter(pc.invert(good_mask))
     encoder = load_encoder(tokenizer, max_length, cfg.template) if tokenizer else None
-    types = measured_types(cfg, encoder.type_ids if cfg.tokenize and encoder else None)
+    types = measured_types(cfg, encoder)
     new, issues = _measure(good, cfg, encoder, max_length) if good.num_rows else ({n: [] for n in types}, {})
     good = _with_issues(good, issues)
     for name, typ in types.items():

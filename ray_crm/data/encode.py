@@ -27,6 +27,7 @@ class Encoded:
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     lengths: list[int]  # before truncation
+    response_starts: list[int] | None = None  # chat: index of the response's first token in input_ids
 
 
 class PairEncoder:
@@ -79,7 +80,26 @@ class PairEncoder:
     def _encode_chat(self, prompts: Sequence[str], responses: Sequence[str]) -> Encoded:
         texts = [self.chat_text(p, r) for p, r in zip(prompts, responses)]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return Encoded([x[-self.max_length:] for x in ids], None, [len(x) for x in ids])
+        heads = self.tokenizer([self.prompt_text(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        kept = [x[-self.max_length:] for x in ids]
+        # The prompt's tokens are those it shares with the whole text (a merge across the boundary stays with
+        # the response); left truncation moves the start back by what it cut, down to 0.
+        starts = [max(0, _shared_prefix(h, x) - (len(x) - len(k))) for h, x, k in zip(heads, ids, kept)]
+        return Encoded(kept, None, [len(x) for x in ids], starts)
+
+    def prompt_text(self, prompt: str) -> str:
+        """The chat text up to where the assistant's answer begins."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @functools.lru_cache(maxsize=4)

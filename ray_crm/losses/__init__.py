@@ -1,4 +1,5 @@
-"""Causal reward losses as pure torch functions (no Ray): MMD penalty, Bradley-Terry / CRM, DPO / IPO / Causal DPO."""
+"""Causal reward losses as pure torch functions (no Ray): MMD penalty, Bradley-Terry / CRM, DPO / IPO / Causal DPO,
+and the registry of pair losses by name that `loss.type` selects."""
 
 from ray_crm.losses.distributed import gather_global
 from ray_crm.losses.mmd import MMDConfig, MMDStats, binned_mmd_penalty, mmd2
@@ -11,10 +12,13 @@ from ray_crm.losses.preference import (
     implicit_rewards,
     ipo_loss,
 )
+from ray_crm.losses.registry import PAIR_LOSSES, PairLossSettings, pair_loss
 
 __all__ = [
+    "PAIR_LOSSES",
     "MMDConfig",
     "MMDStats",
+    "PairLossSettings",
     "binned_mmd_penalty",
     "bradley_terry_loss",
     "causal_dpo_loss",
@@ -25,4 +29,5 @@ __all__ = [
     "implicit_rewards",
     "ipo_loss",
     "mmd2",
+    "pair_loss",
 ]

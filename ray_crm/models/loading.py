@@ -54,6 +54,13 @@ def load_reward_model(model_cfg: ModelConfig, pad_token_id: int):
     return with_lora(model, model_cfg.lora, "SEQ_CLS")  # SEQ_CLS also trains the score head (modules_to_save)
 
 
+def load_pair_model(model_cfg: ModelConfig, pad_token_id: int, policy: bool):
+    """What trains on preference pairs: a causal LM policy (the DPO family) or a reward model."""
+    if policy:
+        return load_policy_model(resolve_model(model_cfg.name), model_cfg.lora, pad_token_id, model_cfg.precision)
+    return load_reward_model(model_cfg, pad_token_id)
+
+
 def load_policy_model(path: str | Path, lora: LoraConfig, pad_token_id: int, precision: str = "fp32"):
     """A causal LM for RL, wrapped in a PEFT LoRA adapter if configured; no KV cache (the learner only scores
     whole sequences). The LoRA init draws from torch's global generator: seed it for identical ranks."""
@@ -108,28 +115,27 @@ def pad_pairs(rows: dict[str, Any], pad_id: int, device: torch.device | str = "c
 DATA_MANIFEST = "data_manifest.json"
 
 
-def export_reward_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, card: dict[str, Any],
-                        manifest: dict[str, Any] | None = None) -> Path:
+def export_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, card: dict[str, Any],
+                 manifest: dict[str, Any] | None = None, policy: bool = False) -> Path:
     """Write `out/merged` (plain HF folder, with the `prepare` manifest of its training data as `DATA_MANIFEST`:
     a PPO run bins its rollouts with the same extractors and bins), `out/adapter` (LoRA alone) and
-    `out/model_card.json`."""
+    `out/model_card.json`. `policy`: a causal LM (DPO), else a sequence-classification reward model."""
     import shutil
 
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto, kwargs = (AutoModelForCausalLM, {}) if policy else (AutoModelForSequenceClassification, {"num_labels": 1})
     tok = load_tokenizer(model_cfg)
     merged_dir = out / "merged"
     if model_cfg.lora.enabled:
         from peft import PeftModel
 
-        base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(model_cfg.name), num_labels=1, dtype=torch.float32
-        )
+        base = auto.from_pretrained(resolve_model(model_cfg.name), dtype=torch.float32, **kwargs)
         base.config.pad_token_id = tok.pad_token_id
         model = PeftModel.from_pretrained(base, weights_dir).merge_and_unload()
         shutil.copytree(weights_dir, out / "adapter", dirs_exist_ok=True)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(weights_dir, dtype=torch.float32)
+        model = auto.from_pretrained(weights_dir, dtype=torch.float32)
     model.save_pretrained(merged_dir, safe_serialization=True)
     tok.save_pretrained(merged_dir)
     if manifest is not None:

@@ -47,6 +47,7 @@ from torch.nn.utils import get_total_norm
 from ray_crm.checkpoint import load_state_tree, load_tensors, save_state_tree, save_tensors
 from ray_crm.config import RLConfig
 from ray_crm.models.loading import load_policy_model, tokenizer_at
+from ray_crm.models.logprobs import token_logprobs
 from ray_crm.rl.policy_losses import clipped_policy_loss, gradient_regularized_grads, kl_to_reference
 from ray_crm.rl.weights import policy_state_dict
 from ray_crm.train.deepspeed_config import policy_deepspeed_config, prepare_deepspeed_env
@@ -104,13 +105,6 @@ def pack_sequences(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[
             resp[i, len(p) - 1 : len(seq) - 1] = 1
         out.append(MicroBatch(ids, attn, resp, rows))
     return out
-
-
-def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Tensor:
-    """log softmax(logits / T) of each next token: [B, L - 1], in fp32 whatever the model's dtype."""
-    logits = logits[:, :-1].float() / max(temperature, 1e-6)
-    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def _ragged(values: Sequence[list[float]], mask: Tensor) -> Tensor:

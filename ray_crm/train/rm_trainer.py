@@ -1,4 +1,7 @@
-"""Reward-model training on Ray Train + DeepSpeed + PEFT LoRA: Bradley-Terry or causal RM (BT + MMD over Z bins).
+"""Training on preference pairs on Ray Train + DeepSpeed + PEFT LoRA, with the pair loss `loss.type` names:
+reward models (Bradley-Terry, or the causal RM: BT + MMD over Z bins) and policies trained by DPO, IPO or Causal
+DPO, scored by their implicit reward beta * log(pi / pi_ref) (the reference: the adapter switched off). Both
+kinds share the data plan, the penalty, validation (accuracy, bias metrics, twins), checkpoints and export.
 
 Every worker reads the whole prepared split and builds the same bin-stratified plan of global batches from
 the seed, then takes its slice (rank::world) of each; the MMD penalty is computed over the global batch by a
@@ -25,8 +28,9 @@ from ray_crm.checkpoint import file_manifest, latest_verified, verify_checkpoint
 from ray_crm.config import Config, run_name
 from ray_crm.data.sampler import StratifiedBatchSampler
 from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman, z_balanced_accuracy
-from ray_crm.losses import MMDConfig, crm_loss, gather_global
-from ray_crm.models.loading import load_reward_model, load_tokenizer, pad_pairs, pad_sequences, score
+from ray_crm.losses import MMDConfig, PairLossSettings, crm_loss, gather_global, pair_loss
+from ray_crm.models.loading import load_pair_model, load_tokenizer, pad_pairs, pad_sequences, score
+from ray_crm.models.logprobs import implicit_reward
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
 from ray_crm.train.metric_names import higher_is_better
@@ -36,13 +40,38 @@ logger = logging.getLogger(__name__)
 
 VAL_SCORES = "val_scores.npz"
 COLUMNS = ("pair_id", "chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
-           "bin_chosen", "bin_rejected", "stratum")
+           "chosen_response_start", "rejected_response_start", "bin_chosen", "bin_rejected", "stratum")
+
+
+def pair_stage(cfg: Config) -> str:
+    """The stage folder of cfg's run: `train-dpo` for the DPO family, else `train-rm`."""
+    return "train-dpo" if cfg.loss.trains_policy else "train-rm"
 
 
 def mmd_settings(cfg: Config, num_bins: int) -> MMDConfig:
     m = cfg.loss.mmd
     return MMDConfig(bandwidth=m.bandwidth, unbiased=m.unbiased, reduction=m.reduction, num_bins=num_bins,
                      standardize=m.standardize)
+
+
+def loss_settings(cfg: Config, num_bins: int) -> PairLossSettings:
+    return PairLossSettings(lam=cfg.loss.lambda_mmd, variant=cfg.loss.variant, mmd=mmd_settings(cfg, num_bins),
+                            beta=cfg.loss.beta)
+
+
+def sequence_scores(cfg: Config, engine, batch: dict[str, torch.Tensor], starts: np.ndarray | None,
+                    with_representation: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the pair loss compares, per sequence: a reward head's reward, or a policy's implicit reward."""
+    if cfg.loss.trains_policy:
+        return implicit_reward(engine, batch, torch.as_tensor(starts, device=batch["input_ids"].device),
+                               cfg.loss.beta), None
+    return score(engine, batch, with_representation)
+
+
+def _starts(rows: dict[str, np.ndarray]) -> np.ndarray | None:
+    if "chosen_response_start" not in rows:
+        return None
+    return np.concatenate([rows["chosen_response_start"], rows["rejected_response_start"]])
 
 
 def _materialise(shard, columns=COLUMNS) -> dict[str, np.ndarray]:
@@ -65,17 +94,16 @@ def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
     return {k: v[idx] for k, v in rows.items()}
 
 
-def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, device, global_batch: bool):
+def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], settings: PairLossSettings, device, global_batch: bool):
     batch = pad_pairs(rows, engine.module.config.pad_token_id, device)
     with_repr = cfg.loss.type == "crm" and cfg.loss.mmd.on == "representation"
-    rewards, reps = score(engine, batch, with_repr)
+    rewards, reps = sequence_scores(cfg, engine, batch, _starts(rows), with_repr)
     n = len(rows["bin_chosen"])
-    lam = cfg.loss.lambda_mmd if cfg.loss.type == "crm" else 0.0
     feats = {} if reps is None else {"chosen_features": reps[:n], "rejected_features": reps[n:]}
     bins_c = torch.as_tensor(rows["bin_chosen"], dtype=torch.long, device=device)
     bins_r = torch.as_tensor(rows["bin_rejected"], dtype=torch.long, device=device)
-    return crm_loss(rewards[:n], rewards[n:], bins_c, bins_r, lam, cfg.loss.variant, mmd,
-                    global_batch=global_batch, **feats)
+    return pair_loss(cfg.loss.type)(rewards[:n], rewards[n:], bins_c, bins_r, settings, global_batch=global_batch,
+                                    **feats)
 
 
 def _scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -83,8 +111,9 @@ def _scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _score_all(engine, ids: list, types: list | None, rank: int, world: int, device, batch: int = 128) -> np.ndarray:
-    """The reward of every sequence, in order, on every rank.
+def _score_all(cfg: Config, engine, ids: list, types: list | None, starts: np.ndarray | None, rank: int, world: int,
+               device, batch: int = 128) -> np.ndarray:
+    """The score (`sequence_scores`) of every sequence, in order, on every rank.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively): short ranks
     repeat their last sequence and drop the repeats.
@@ -99,7 +128,7 @@ def _score_all(engine, ids: list, types: list | None, rank: int, world: int, dev
         part = padded[start : start + batch]
         inputs = pad_sequences([ids[i] for i in part], None if types is None else [types[i] for i in part],
                                engine.module.config.pad_token_id, device)
-        rewards.append(score(engine, inputs)[0])
+        rewards.append(sequence_scores(cfg, engine, inputs, None if starts is None else starts[part])[0])
     engine.train()
     local = torch.cat(rewards)[: len(mine)]
     scores, index = gather_global(local, torch.as_tensor(mine, dtype=torch.long, device=device))
@@ -116,8 +145,8 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
     types = None
     if "chosen_token_type_ids" in rows:
         types = list(rows["chosen_token_type_ids"]) + list(rows["rejected_token_type_ids"])
-    flat = _score_all(engine, list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"]), types,
-                      rank, world, device)
+    flat = _score_all(cfg, engine, list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"]), types,
+                      _starts(rows), rank, world, device)
     scores = np.stack([flat[:total], flat[total:]], axis=1)
     bins = {k: torch.as_tensor(rows[k], dtype=torch.long) for k in ("bin_chosen", "bin_rejected")}
     _, metrics = crm_loss(torch.as_tensor(scores[:, 0]), torch.as_tensor(scores[:, 1]), bins["bin_chosen"],
@@ -132,7 +161,8 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
     }
     summary.update(z_correlations(cfg, rows, scores))
     if twins is not None:
-        rewards = _score_all(engine, twins["input_ids"], twins["token_type_ids"], rank, world, device)
+        rewards = _score_all(cfg, engine, twins["input_ids"], twins["token_type_ids"], twins["response_start"],
+                             rank, world, device)
         gap, scale = invariance_gap(rewards, twins["twin"]), twin_scale(rewards, twins["twin"])
         summary.update(val_ci_gap=gap, val_ci_gap_std=gap / scale if scale > 0 else float("inf"))
     return summary, scores
@@ -151,7 +181,9 @@ def encode_twins(cfg: Config) -> dict[str, Any] | None:
     frame = frame[frame.twin.astype(str) != ""]
     enc = load_encoder(str(resolve_model(cfg.model.name)), cfg.model.max_length, cfg.data.template)
     encoded = enc.encode(frame.prompt.tolist(), frame.response.tolist())
-    return {"input_ids": encoded.input_ids, "token_type_ids": encoded.token_type_ids, "twin": frame.twin.to_numpy()}
+    starts = None if encoded.response_starts is None else np.asarray(encoded.response_starts)
+    return {"input_ids": encoded.input_ids, "token_type_ids": encoded.token_type_ids, "response_start": starts,
+            "twin": frame.twin.to_numpy()}
 
 
 def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, float]:
@@ -254,7 +286,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
-    model = load_reward_model(cfg.model, tok.pad_token_id)
+    model = load_pair_model(cfg.model, tok.pad_token_id, policy=cfg.loss.trains_policy)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -263,7 +295,8 @@ def train_loop(config: dict[str, Any]) -> None:
     z_columns = tuple(f"z_{z.name}_{side}" for z in cfg.data.spurious for side in ("chosen", "rejected"))
     val_rows = _materialise(ray.train.get_dataset_shard("validation"), COLUMNS + z_columns)
     twins = encode_twins(cfg)
-    mmd = mmd_settings(cfg, config["num_bins"])
+    settings = loss_settings(cfg, config["num_bins"])
+    mmd = settings.mmd
     micro = micro_batch_size(cfg.train, world)
     sampler = StratifiedBatchSampler(train_rows["stratum"], batch_size=micro * world, seed=cfg.train.seed)
     state = {"epoch": 0, "micro_step": 0, "step": 0, "resumed_from_step": 0}
@@ -296,7 +329,7 @@ def train_loop(config: dict[str, Any]) -> None:
         usable = len(plan) - len(plan) % cfg.train.grad_accum
         while state["micro_step"] < usable and state["step"] < max_steps:
             rows = _take(train_rows, sampler.shard(plan[state["micro_step"]], rank, world))
-            loss, metrics = _loss(cfg, engine, rows, mmd, device, global_batch=world > 1)
+            loss, metrics = _loss(cfg, engine, rows, settings, device, global_batch=world > 1)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -320,7 +353,22 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None) -> dict[str, Any]:
-    """Train one reward model as `cfg` says, export it, and return where it is and how it scores.
+    """`ray-crm train-rm`: a reward model (loss.type bt or crm); see `train_on_pairs`."""
+    if cfg.loss.trains_policy:
+        raise ValueError(f"loss.type={cfg.loss.type} trains a policy: run `ray-crm train-dpo`")
+    return train_on_pairs(cfg, datasets, callbacks)
+
+
+def run_train_dpo(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """`ray-crm train-dpo`: a causal LM policy by DPO, IPO or Causal DPO (loss.type); see `train_on_pairs`."""
+    if not cfg.loss.trains_policy:
+        raise ValueError(f"loss.type={cfg.loss.type} trains a reward model: run `ray-crm train-rm`, or set "
+                         "loss.type to dpo, ipo or causal_dpo")
+    return train_on_pairs(cfg, datasets, callbacks)
+
+
+def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Train one model on the prepared pairs as `cfg` says, export it, and return where it is and how it scores.
 
     `datasets` lets a Tune trial pass Ray Datasets built in the driver; `callbacks` go to the
     trainer's RunConfig (Tune's TuneReportCallback).
@@ -330,7 +378,7 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray_crm.data.pipeline import load_manifest, read_prepared
-    from ray_crm.models.loading import export_reward_model
+    from ray_crm.models.loading import export_model
 
     init_ray(cfg.ray)
     if cfg.data.twins:  # workers run in Ray's session folder: pin the path to what this process sees
@@ -338,23 +386,27 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
         cfg.data.twins = str(Path(cfg.data.twins).resolve())
     data_dir = cfg.prepared_dir()
     manifest = load_manifest(data_dir)
+    if cfg.loss.trains_policy and (manifest.get("tokenizer") or {}).get("mode") != "chat":
+        raise ValueError(f"loss.type={cfg.loss.type} learns from each response's tokens, which {data_dir} does not "
+                         "mark: prepare it with a chat-template tokenizer (a decoder model.name, data.template=chat)")
     if datasets is None:  # read once here: every worker then streams the same blocks from the object store
         datasets = {split: read_prepared(data_dir, split).materialize() for split in ("train", "validation")}
     name = run_name(cfg)
-    out = cfg.stage_dir("train-rm") / name
+    stage = pair_stage(cfg)
+    out = cfg.stage_dir(stage) / name
     order = "max" if higher_is_better(cfg.train.checkpoint_metric) else "min"
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_bins": manifest["num_bins"],
                            "log_dir": str(out / "logs"),
-                           "storage_dir": str(cfg.stage_dir("train-rm") / "ray" / name)},
+                           "storage_dir": str(cfg.stage_dir(stage) / "ray" / name)},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(cfg.stage_dir("train-rm") / "ray"),
+            storage_path=str(cfg.stage_dir(stage) / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
                                                checkpoint_score_order=order),
@@ -370,7 +422,8 @@ def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks:
     with best.as_directory() as folder:
         card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest.get("hash"),
                 "metrics": best_metrics, "final_metrics": result.metrics}
-        merged = export_reward_model(cfg.model, Path(folder) / "model", out / "export", card, manifest)
+        merged = export_model(cfg.model, Path(folder) / "model", out / "export", card, manifest,
+                              policy=cfg.loss.trains_policy)
         shutil.copy(Path(folder) / VAL_SCORES, out / "export" / VAL_SCORES)
     return {"model": str(merged), "run": name, "logs": str(out / "logs"), "final_step": result.metrics["step"],
             # every validation metric: a Tune trial's return value is its last result, ranked by any of them

@@ -76,9 +76,9 @@ def _reported_metrics(cfg: Config) -> set[str]:
 
 
 def _trial_resources(cfg: Config):
-    """train-rm: the trial only drives (its TorchTrainer reserves the workers); train-rl: the trial's actors are
+    """train-rm / train-dpo: the trial only drives (its TorchTrainer reserves the workers); train-rl: the trial's actors are
     created inside its placement group, so it reserves a bundle for each."""
-    if cfg.sweep.stage == "train-rm":
+    if cfg.sweep.stage != "train-rl":
         return {"CPU": 0.01}
     from ray import tune
 
@@ -156,11 +156,12 @@ def _trainable(params: dict[str, Any], base: dict[str, Any], variants: dict[str,
 
         run_train_rl(trial_config(base, params, tune.get_context().get_trial_id()), report=tune.report)
         return None  # every step was reported; a returned dict would be a last result without the metrics
-    from ray_crm.train.rm_trainer import run_train_rm
+    from ray_crm.train.rm_trainer import run_train_dpo, run_train_rm
 
     folder, datasets = variants[variant_key(params, data_keys)]
     cfg = trial_config(base, {**params, "data.output_dir": folder}, tune.get_context().get_trial_id())
-    return run_train_rm(cfg, datasets=datasets, callbacks=[TuneReportCallback()])
+    run = run_train_dpo if cfg.sweep.stage == "train-dpo" else run_train_rm
+    return run(cfg, datasets=datasets, callbacks=[TuneReportCallback()])
 
 
 def _tuner(cfg: Config, path: Path, trainable):
@@ -248,7 +249,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     base["data"]["output_dir"] = str(cfg.prepared_dir())
     if cfg.data.twins:
         base["data"]["twins"] = str(Path(cfg.data.twins).resolve())
-    variants = prepare_variants(cfg, base, out / "data") if cfg.sweep.stage == "train-rm" else {}
+    variants = prepare_variants(cfg, base, out / "data") if cfg.sweep.stage != "train-rl" else {}
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, variants=variants, data_keys=_data_keys(cfg)),
         _trial_resources(cfg),

@@ -31,3 +31,16 @@ def test_chat_template_for_decoder_tokenizers_keeps_the_end(tiny_llama_dir):
                                                           add_special_tokens=False)["input_ids"]
     assert out.lengths == [len(full)] and out.input_ids[0] == full[-12:]
     assert PairEncoder(str(tiny_llama_dir), 12, template="text_pair").mode == "text_pair"
+
+
+def test_chat_response_start_marks_the_answer_also_after_left_truncation(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    enc = PairEncoder(str(tiny_llama_dir), max_length=64)
+    out = enc.encode(["the movie was", "a film"], ["great fun", "bad"])
+    for ids, start, response in zip(out.input_ids, out.response_starts, ["great fun", "bad"]):
+        answer = tok.decode(ids[start:])
+        assert answer.startswith(response) and "<|assistant|>" in tok.decode(ids[:start])
+    short = PairEncoder(str(tiny_llama_dir), max_length=out.lengths[0] - 2).encode(["the movie was"], ["great fun"])
+    assert short.response_starts[0] == out.response_starts[0] - 2  # the cut came off the prompt
+    tiny = PairEncoder(str(tiny_llama_dir), max_length=3).encode(["the movie was"], ["great fun very good"])
+    assert tiny.response_starts == [0]  # the prompt was cut away entirely

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ray_crm.config import PolicyLoraConfig, RLConfig
-from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences, shard, token_logprobs
+from ray_crm.models.logprobs import token_logprobs
+from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences, shard
 
 PROMPTS = [[1, 7, 9, 12], [1, 30]]
 RESPONSES = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]

@@ -153,3 +153,40 @@ def test_losses_package_imports_no_ray():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "ray" or n.startswith("ray.") for n in names), f"{path.name} imports {names}"
+
+
+def test_registry_entries_are_the_named_losses_on_implicit_rewards(batch):
+    from ray_crm.losses import PAIR_LOSSES, PairLossSettings, pair_loss
+
+    pc, pr, bins_c, bins_r = batch
+    g = torch.Generator().manual_seed(1)
+    rc, rr = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    beta, lam = 0.2, 0.7
+    s = PairLossSettings(lam=lam, variant="conditional", mmd=MMD, beta=beta)
+    assert {"bt", "crm", "dpo", "ipo", "causal_dpo"} <= set(PAIR_LOSSES)
+    references = {
+        "dpo": lambda: dpo_loss(pc, pr, rc, rr, beta)[0],
+        "ipo": lambda: ipo_loss(pc, pr, rc, rr, beta)[0],
+        "causal_dpo": lambda: causal_dpo_loss(pc, pr, rc, rr, bins_c, bins_r, beta, lam, "conditional", MMD)[0],
+        "crm": lambda: crm_loss(beta * (pc - rc), beta * (pr - rr), bins_c, bins_r, lam, "conditional", MMD)[0],
+    }
+    for name, reference in references.items():
+        chosen, rejected = beta * (pc - rc), beta * (pr - rr)  # the trainer hands the registry implicit rewards
+        loss, metrics = pair_loss(name)(chosen, rejected, bins_c, bins_r, s)
+        expected = reference()
+        assert torch.allclose(loss, expected, atol=1e-12), name
+        assert torch.allclose(torch.stack(_grads(loss, pc, pr)), torch.stack(_grads(expected, pc, pr))), name
+        assert "mmd/penalty" in metrics  # every loss measures the bias, trained on or not
+    with pytest.raises(ValueError, match="unknown pair loss 'dop'.*causal_dpo"):
+        pair_loss("dop")
+
+
+def test_causal_dpo_at_lambda_zero_is_dpo_with_the_same_gradient(batch):
+    from ray_crm.losses import PairLossSettings, pair_loss
+
+    chosen, rejected, bins_c, bins_r = batch
+    s = PairLossSettings(lam=0.0, mmd=MMD)
+    a, ma = pair_loss("causal_dpo")(chosen, rejected, bins_c, bins_r, s)
+    b, mb = pair_loss("dpo")(chosen, rejected, bins_c, bins_r, s)
+    assert torch.equal(a, b) and torch.equal(ma["mmd/penalty"], mb["mmd/penalty"])
+    assert all(torch.equal(x, y) for x, y in zip(_grads(a, chosen, rejected), _grads(b, chosen, rejected)))

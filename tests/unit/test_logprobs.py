@@ -1,0 +1,46 @@
+"""Sequence log-probs over the response and DPO's implicit reward, against an independent computation."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ray_crm.config import LoraConfig
+from ray_crm.data.encode import PairEncoder
+from ray_crm.models.loading import load_policy_model, pad_sequences, tokenizer_at
+from ray_crm.models.logprobs import implicit_reward, response_mask
+
+
+def _by_hand(model, ids: list[int], start: int) -> float:
+    """sum_t log p(ids[t] | ids[:t]) over the response, one unpadded sequence at a time."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return float(sum(logp[t - 1, ids[t]] for t in range(max(start, 1), len(ids))))
+
+
+def test_response_mask_covers_the_response_and_no_padding():
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert response_mask(attention, [2, 0]).tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_implicit_reward_is_beta_times_the_log_ratio_of_policy_and_base(tiny_llama_dir):
+    torch.manual_seed(0)
+    tok = tokenizer_at(tiny_llama_dir)
+    policy = load_policy_model(tiny_llama_dir, LoraConfig(rank=4, alpha=8), tok.pad_token_id).eval()
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): move it so the ratio is not 1
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    enc = PairEncoder(str(tiny_llama_dir), max_length=64)
+    out = enc.encode(["the movie was", "a film"], ["great fun and very good", "bad"])
+    batch = pad_sequences(out.input_ids, None, tok.pad_token_id)
+    beta = 0.3
+    with torch.no_grad():
+        ours = implicit_reward(policy, batch, out.response_starts, beta)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    merged = policy.merge_and_unload().eval()
+    for i, (ids, start) in enumerate(zip(out.input_ids, out.response_starts)):
+        expected = beta * (_by_hand(merged, ids, start) - _by_hand(base, ids, start))
+        assert abs(expected) > 1e-3
+        assert abs(float(ours[i]) - expected) < 1e-4 * max(1.0, abs(expected))
