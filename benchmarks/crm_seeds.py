@@ -1,8 +1,12 @@
-"""Vanilla vs causal RM on one bias benchmark: lambda chosen on validation, every model trained with several seeds,
-reported on test with mean +- standard error and a 95% interval on each cut.
+"""Vanilla vs causal RM (or DPO vs Causal DPO) on one bias benchmark: lambda chosen on validation, every model
+trained with several seeds, reported on test with mean +- standard error and a 95% interval on each cut.
 
     python benchmarks/crm_seeds.py --bench length          # -> benchmarks/results/crm_length.json (+ .md)
     python benchmarks/crm_seeds.py --bench sycophancy --lambdas 10 100 --seeds 0 1 2 --set train.lr=5e-4
+    python benchmarks/crm_seeds.py --family dpo --bench length --lambdas 0.03 0.3   # -> cdpo_length.json
+
+`--family dpo` trains policies with Causal DPO (`configs/dpo_<bench>.yaml`, `ray-crm train-dpo`; lambda 0 is plain
+DPO step for step) and scores each by its implicit reward beta * log(pi / pi_ref), read as a reward model.
 
 1. `ray-crm bench` and `prepare` with `configs/bench_<name>.yaml` (its data, model and training settings).
 2. One Ray Tune experiment (`ray-crm sweep`, resumable) over loss.lambda_mmd x train.seed; lambda 0 is the vanilla
@@ -39,6 +43,10 @@ FIGURES = {
     "sycophancy": ("prefix_shift_std", ["prefix_shift", "sycophancy_rate", "sycophancy_rate_floor", "ci_gap_std"]),
     "concept": ("concept_margin_shift_std", ["concept_margin_shift", "bias_at_c", "ci_gap_std"]),
     "demographic": ("discrimination", ["ci_gap_std"]),
+}
+FAMILIES = {
+    "rm": {"prefix": "crm", "config": "bench_{bench}.yaml", "loss": "crm", "stage": "train-rm"},
+    "dpo": {"prefix": "cdpo", "config": "dpo_{bench}.yaml", "loss": "causal_dpo", "stage": "train-dpo"},
 }
 CUTS = {"length": ["pad_shift_std", "spearman_length"], "sycophancy": ["prefix_shift_std", "sycophancy_rate"],
         "concept": ["concept_margin_shift_std"], "demographic": ["discrimination"]}
@@ -91,8 +99,9 @@ def markdown(result: dict) -> str:
     headline, beside = FIGURES[result["bench"]]
     keys = ["accuracy", headline, *beside, "reward_scale"]
     lines = [f"| lambda ({result['variant']}) | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    vanilla = "0 (DPO)" if result.get("family") == "dpo" else "0 (vanilla BT)"
     for lam, figures in result["per_lambda"].items():
-        name = "0 (vanilla BT)" if float(lam) == 0 else lam + (" (chosen)" if float(lam) == result["chosen_lambda"] else "")
+        name = vanilla if float(lam) == 0 else lam + (" (chosen)" if float(lam) == result["chosen_lambda"] else "")
         lines.append(f"| {name} | " + " | ".join(f"{figures[k]['mean']:.3g} +- {figures[k]['se']:.2g}" for k in keys) + " |")
     lines.append("")
     for key, cut in result["cuts"].items():
@@ -108,11 +117,12 @@ def markdown(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", required=True, choices=list(FIGURES))
+    p.add_argument("--family", default="rm", choices=list(FAMILIES), help="reward models, or DPO-trained policies")
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 10.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variant", default="conditional", choices=["conditional", "unconditional"])
     p.add_argument("--max-accuracy-drop", type=float, default=0.02)
-    p.add_argument("--out", default=None, help="default: benchmarks/results/crm_<bench>.json")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/<crm|cdpo>_<bench>.json")
     p.add_argument("--render", action="store_true", help="only print the Markdown table of an existing result file")
     p.add_argument("--no-sweep", action="store_true", help="use the models the sweep has exported so far")
     p.add_argument("--experiment", default="", metavar="SUFFIX",
@@ -122,12 +132,15 @@ def main() -> None:
                    help="a dotted config override for every model, e.g. --set train.lr=1e-4 (repeatable)")
     args = p.parse_args()
 
-    name = f"crm_{args.bench}"
+    family = FAMILIES[args.family]
+    name = f"{family['prefix']}_{args.bench}"
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{name}.json")
     if args.render:
         print(markdown(json.loads(out.read_text())))
         return
-    config = ROOT / "configs" / f"bench_{args.bench}.yaml"
+    config = ROOT / "configs" / family["config"].format(bench=args.bench)
+    if not config.is_file():
+        sys.exit(f"{config} does not exist: --family {args.family} has no config for the {args.bench} benchmark")
     prepared = load_config(config).prepared_dir()  # shared with `ray-crm prepare --config` of the benchmark
     base = [f"name={name}{args.experiment}", f"data.output_dir={prepared}", *args.overrides]
     cfg = load_config(config, base)
@@ -137,7 +150,8 @@ def main() -> None:
     grid = sorted({0.0, *args.lambdas})
     space = (f"sweep.space={{loss.lambda_mmd: {{grid: {grid}}}, train.seed: {{grid: {args.seeds}}}}}")
     sweep_cfg = load_config(config,
-                            [*base, "loss.type=crm", f"loss.variant={args.variant}", space,
+                            [*base, f"loss.type={family['loss']}", f"loss.variant={args.variant}", space,
+                             f"sweep.stage={family['stage']}",
                              "sweep.metric=val_balanced_accuracy", "sweep.bias_metric=val_ci_gap_std",
                              f"output_dir={Path(cfg.output_dir).resolve()}",
                              "sweep.resume=true"])
@@ -145,7 +159,7 @@ def main() -> None:
         run_stage("sweep", sweep_cfg)
 
     rows, seen = [], set()
-    for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}*-*/train-rm/*/export/model_card.json")):
+    for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}*-*/{family['stage']}/*/export/model_card.json")):
         card = json.loads(card_path.read_text())
         c = card["config"]
         key = (c["loss"]["lambda_mmd"], c["train"]["seed"])
@@ -186,7 +200,7 @@ def main() -> None:
     acc_gain = list(np.subtract(test_values(chosen, "accuracy"), test_values(0.0, "accuracy")))
     spread = list(np.divide(test_values(chosen, "reward_scale"), test_values(0.0, "reward_scale")))
     result = {
-        "bench": args.bench, "variant": args.variant, "lambdas": grid, "seeds": args.seeds, "overrides": args.overrides,
+        "bench": args.bench, "family": args.family, "variant": args.variant, "lambdas": grid, "seeds": args.seeds, "overrides": args.overrides,
         "command": " ".join(["python", "benchmarks/crm_seeds.py", *sys.argv[1:]]),
         "selection": f"lowest mean val_ci_gap_std within {args.max_accuracy_drop:g} of the best mean val_balanced_accuracy",
         "chosen_lambda": chosen, "headline": headline, "cuts": cuts,

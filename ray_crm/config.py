@@ -610,10 +610,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _sweep_stage_fits_the_loss(self) -> Config:
-        pair_stage = "train-dpo" if self.loss.trains_policy else "train-rm"
-        if self.sweep.stage in ("train-rm", "train-dpo") and self.sweep.stage != pair_stage and self.sweep.space:
+        stage = pair_stage(self)
+        if self.sweep.stage in ("train-rm", "train-dpo") and self.sweep.stage != stage and self.sweep.space:
             error = PydanticCustomError("wrong_stage", "loss.type={type} trains with {stage}",
-                                        {"type": self.loss.type, "stage": pair_stage})
+                                        {"type": self.loss.type, "stage": stage})
             raise ValidationError.from_exception_data(
                 type(self).__name__, [{"type": error, "loc": ("sweep", "stage"), "input": self.sweep.stage}])
         return self
@@ -645,6 +645,11 @@ def validation_metric_names(cfg: Config) -> set[str]:
     names = {"val_accuracy", "val_balanced_accuracy", "val_bt_loss", "val_mmd", "val_reward_std", "val_z_spearman",
              *(f"val_spearman_{z.name}" for z in cfg.data.spurious)}
     return names | ({"val_ci_gap", "val_ci_gap_std"} if cfg.data.twins else set())
+
+
+def pair_stage(cfg: Config) -> str:
+    """The stage that trains on cfg's pairs, and its folder: `train-dpo` for the DPO family, else `train-rm`."""
+    return "train-dpo" if cfg.loss.trains_policy else "train-rm"
 
 
 def run_name(cfg: Config) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from ray_crm.config import Config, run_name
+from ray_crm.config import Config, pair_stage, run_name
 from ray_crm.eval import plots
 from ray_crm.eval.benchmarks import load_probes
-from ray_crm.eval.scoring import RewardScorer, model_folder
+from ray_crm.eval.scoring import model_folder, scorer_for
 from ray_crm.eval.summaries import AUDIT_KEYS, HEADLINES, SUMMARIES
 
 # Audit verdicts on the invariance gap in reward-std units: a heuristic reading aid, not a test.
@@ -33,11 +33,12 @@ def _label(path: Path) -> str:
 
 
 def models(cfg: Config) -> dict[str, str]:
-    """label -> model folder, from `eval.models` ('label=folder' or 'folder'), else this config's train-rm export."""
+    """label -> model folder, from `eval.models` ('label=folder' or 'folder'), else this config's train-rm (or
+    train-dpo) export."""
     if not cfg.eval.models:
-        merged = cfg.stage_dir("train-rm") / run_name(cfg) / "export" / "merged"
+        merged = cfg.stage_dir(pair_stage(cfg)) / run_name(cfg) / "export" / "merged"
         if not (merged / "config.json").is_file():
-            raise FileNotFoundError(f"no eval.models given (--model DIR) and no train-rm export at {merged}")
+            raise FileNotFoundError(f"no eval.models given (--model DIR) and no {pair_stage(cfg)} export at {merged}")
         return {_label(merged): str(merged)}
     out = {}
     for entry in cfg.eval.models:
@@ -53,7 +54,7 @@ def score_all(cfg: Config, out: Path) -> dict[str, dict[str, pd.DataFrame]]:
     probes = {name: load_probes(name, cfg.bench) for name in cfg.bench.names}
     scored: dict[str, dict[str, pd.DataFrame]] = {}
     for label, path in models(cfg).items():
-        scorer = RewardScorer(path, cfg.eval.max_length or cfg.model.max_length, cfg.data.template,
+        scorer = scorer_for(path, cfg.eval.max_length or cfg.model.max_length, cfg.data.template,
                               cfg.eval.batch_size, cfg.eval.reward_index, cfg.ray.torch_threads)
         (out / "scores" / label).mkdir(parents=True, exist_ok=True)
         scored[label] = {}

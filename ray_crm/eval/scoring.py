@@ -1,4 +1,5 @@
-"""Rewards of (prompt, response) rows from any HF sequence-classification folder, tokenized as `prepare` does.
+"""Rewards of (prompt, response) rows from any HF sequence-classification folder, tokenized as `prepare` does;
+or, for a `train-dpo` export, the policy's implicit reward beta * log(pi / pi_ref) (`scorer_for` picks).
 
 A plain in-process loop: the probes of all four benchmarks are a few thousand short sequences, which one
 CPU thread scores in well under a minute, so Ray would only add start-up time. Rows are batched by length
@@ -10,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import json
+
 import numpy as np
 
 from ray_crm.assets import resolve_model
 from ray_crm.data.encode import PairEncoder
+from ray_crm.models.logprobs import sequence_logprobs
 
 
 def model_folder(name_or_path: str) -> Path:
@@ -22,6 +26,24 @@ def model_folder(name_or_path: str) -> Path:
     if (path / "merged" / "config.json").is_file():
         path = path / "merged"
     return resolve_model(str(path))
+
+
+def dpo_card(folder: Path) -> dict | None:
+    """The model card of a `train-dpo` export whose `merged` policy is `folder`, or None."""
+    card = folder.parent / "model_card.json"
+    if not card.is_file():
+        return None
+    config = json.loads(card.read_text()).get("config", {})
+    return config if config.get("loss", {}).get("type") in ("dpo", "ipo", "causal_dpo") else None
+
+
+def scorer_for(model: str, max_length: int, template: str = "auto", batch_size: int = 64,
+               reward_index: int | None = None, threads: int = 1):
+    """A `RewardScorer`, or an `ImplicitRewardScorer` for a DPO-trained policy."""
+    card = dpo_card(model_folder(model))
+    if card is not None:
+        return ImplicitRewardScorer(model, card["model"]["name"], card["loss"]["beta"], max_length, batch_size, threads)
+    return RewardScorer(model, max_length, template, batch_size, reward_index, threads)
 
 
 class RewardScorer:
@@ -61,4 +83,41 @@ class RewardScorer:
             batch = self.encoder.tokenizer.pad(features, return_tensors="pt")
             with torch.inference_mode():
                 rewards[idx] = self.model(**batch).logits[:, self.reward_index].float().numpy()
+        return rewards
+
+
+class ImplicitRewardScorer:
+    """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) over the response tokens of the chat text, the
+    reference being the base model the policy was trained from: the policy read as a reward model."""
+
+    def __init__(self, policy: str, reference: str, beta: float, max_length: int, batch_size: int = 32,
+                 threads: int = 1) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from ray_crm.models.loading import tokenizer_at
+
+        torch.set_num_threads(threads)
+        self.path = model_folder(policy)
+        self.encoder = PairEncoder(str(self.path), max_length, "chat")
+        self.pad_id = tokenizer_at(self.path).pad_token_id
+        self.models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+                       for p in (self.path, resolve_model(reference))]
+        self.beta, self.batch_size = beta, batch_size
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        import torch
+
+        from ray_crm.models.loading import pad_sequences
+
+        enc = self.encoder.encode(list(prompts), list(responses))
+        order = np.argsort([len(ids) for ids in enc.input_ids], kind="stable")
+        rewards = np.empty(len(order), np.float64)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = pad_sequences([enc.input_ids[i] for i in idx], None, self.pad_id)
+            starts = [enc.response_starts[i] for i in idx]
+            with torch.inference_mode():
+                policy, reference = (sequence_logprobs(m, batch, starts) for m in self.models)
+            rewards[idx] = (self.beta * (policy - reference)).double().numpy()
         return rewards

@@ -197,13 +197,14 @@ class _BinnedMMD(torch.autograd.Function):
 
 def standardized(values: Tensor, valid: Tensor, floor: float = 1e-4) -> tuple[Tensor, Tensor]:
     """(values - mean) / spread over the rows where `valid`, and the spread: the std of scalars, or the RMS
-    distance to the mean of vectors. The floor keeps an all-equal batch finite (its gradient through the spread
-    is then zero)."""
+    distance to the mean of vectors. The floor keeps an all-equal batch finite, gradient included: it bounds the
+    square before the root, whose derivative at 0 is infinite (times clamp's zero: NaN). DPO's implicit rewards
+    all start at exactly 0 (pi = pi_ref)."""
     kept = values[valid]
     if kept.shape[0] < 2:
         return values, values.new_ones(())
     centred = values - kept.mean(0)
-    spread = centred[valid].square().reshape(kept.shape[0], -1).sum(1).mean().sqrt().clamp_min(floor)
+    spread = centred[valid].square().reshape(kept.shape[0], -1).sum(1).mean().clamp_min(floor**2).sqrt()
     return centred / spread, spread
 
 

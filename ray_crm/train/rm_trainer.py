@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ray_crm.checkpoint import file_manifest, latest_verified, verify_checkpoint, write_marker
-from ray_crm.config import Config, run_name
+from ray_crm.config import Config, pair_stage, run_name
 from ray_crm.data.sampler import StratifiedBatchSampler
 from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman, z_balanced_accuracy
 from ray_crm.losses import MMDConfig, PairLossSettings, crm_loss, gather_global, pair_loss
@@ -41,11 +41,6 @@ logger = logging.getLogger(__name__)
 VAL_SCORES = "val_scores.npz"
 COLUMNS = ("pair_id", "chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
            "chosen_response_start", "rejected_response_start", "bin_chosen", "bin_rejected", "stratum")
-
-
-def pair_stage(cfg: Config) -> str:
-    """The stage folder of cfg's run: `train-dpo` for the DPO family, else `train-rm`."""
-    return "train-dpo" if cfg.loss.trains_policy else "train-rm"
 
 
 def mmd_settings(cfg: Config, num_bins: int) -> MMDConfig:

@@ -309,8 +309,9 @@ def test_standardized_is_the_spread_times_the_raw_penalty_of_standardized_values
     assert torch.allclose(got, spread * binned_mmd_penalty(z, bins, cfg)[0], rtol=1e-9)
 
 
-def test_standardized_all_equal_values_stay_finite():
-    x = torch.full((8,), 0.3, requires_grad=True)
+@pytest.mark.parametrize("value", [0.3, 0.0])  # 0.0: DPO's implicit rewards at the start, a spread of exactly 0
+def test_standardized_all_equal_values_stay_finite(value):
+    x = torch.full((8,), value, requires_grad=True)
     penalty = binned_mmd_penalty(x, torch.arange(8) % 2, MMDConfig(bandwidth=1.0, standardize=True))[0]
     penalty.backward()
     assert torch.isfinite(penalty) and torch.isfinite(x.grad).all()
