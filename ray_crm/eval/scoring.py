@@ -8,10 +8,9 @@ CPU thread scores in well under a minute, so Ray would only add start-up time. R
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
-
-import json
 
 import numpy as np
 

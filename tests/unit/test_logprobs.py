@@ -44,3 +44,35 @@ def test_implicit_reward_is_beta_times_the_log_ratio_of_policy_and_base(tiny_lla
         expected = beta * (_by_hand(merged, ids, start) - _by_hand(base, ids, start))
         assert abs(expected) > 1e-3
         assert abs(float(ours[i]) - expected) < 1e-4 * max(1.0, abs(expected))
+
+
+def test_a_dpo_export_is_scored_by_its_implicit_reward(tiny_llama_dir, tmp_path):
+    import json
+
+    from ray_crm.eval.scoring import ImplicitRewardScorer, dpo_card, scorer_for
+
+    torch.manual_seed(0)
+    tok = tokenizer_at(tiny_llama_dir)
+    policy = load_policy_model(tiny_llama_dir, LoraConfig(rank=4, alpha=8), tok.pad_token_id).eval()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    merged = tmp_path / "export" / "merged"
+    policy.merge_and_unload().save_pretrained(merged)
+    tok.save_pretrained(merged)
+    card = {"config": {"loss": {"type": "causal_dpo", "beta": 0.3}, "model": {"name": str(tiny_llama_dir)}}}
+    (merged.parent / "model_card.json").write_text(json.dumps(card))
+
+    scorer = scorer_for(str(merged.parent), max_length=64)
+    assert isinstance(scorer, ImplicitRewardScorer)
+    prompts, responses = ["the movie was", "a film", "the plot"], ["great fun and very good", "bad", "it was"]
+    ours = scorer.score(prompts, responses)
+    enc = PairEncoder(str(tiny_llama_dir), max_length=64).encode(prompts, responses)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    trained = AutoModelForCausalLM.from_pretrained(merged).eval()
+    for i, (ids, start) in enumerate(zip(enc.input_ids, enc.response_starts)):
+        assert abs(ours[i] - 0.3 * (_by_hand(trained, ids, start) - _by_hand(base, ids, start))) < 1e-4
+    card["config"]["loss"]["type"] = "crm"  # a reward model's card: scored by its head, not as a policy
+    (merged.parent / "model_card.json").write_text(json.dumps(card))
+    assert dpo_card(merged) is None and dpo_card(tmp_path) is None
