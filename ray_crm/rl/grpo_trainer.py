@@ -52,6 +52,7 @@ from ray_crm.rl.monitor import Alarm, TrainingZ, alarms
 from ray_crm.rl.policy_learner import PolicyBatch
 from ray_crm.rl.policy_losses import finite_rows, group_advantages
 from ray_crm.rl.prompts import load_prompts
+from ray_crm.rl.regularizers import regularizer
 from ray_crm.rl.reward_actor import REWARD_KEY, RewardPool, gold_key
 from ray_crm.rl.rollout import ENGINE_DTYPES, RolloutPool
 from ray_crm.runtime import init_ray
@@ -146,11 +147,7 @@ def reported_metric_names(cfg: Config) -> set[str]:
     names = {f"{REWARD_KEY}_mean", "reward_std", "response_tokens_mean", "finished_fraction", "policy/loss",
              "policy/grad_norm", "policy/engine_logprob_gap"}
     names |= {f"{gold_key(g.name)}_mean" for g in cfg.reward.gold}
-    if cfg.rl.regularizer == "gr":
-        names |= {"gr/g1_norm", "gr/g2_norm"}
-    if cfg.rl.regularizer in ("kl", "reset"):
-        names.add("policy/kl_to_reference")
-    return names
+    return names | set(regularizer(cfg.rl.regularizer).metrics)
 
 
 def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -265,7 +262,8 @@ def _watch(monitor: TrainingZ | None, history: list[dict[str, float]], step: int
     return the monitor's alarms on the run so far; each is logged as a warning."""
     if monitor is not None:
         row.update(monitor.measure([p for p, _ in samples], [t for _, t in samples]))
-    if cfg.rl.regularizer == "kl" and "policy/kl_to_reference" in row:  # its reference is the initial policy
+    reg = regularizer(cfg.rl.regularizer)
+    if reg.uses_reference and not reg.resets_reference and "policy/kl_to_reference" in row:  # to the initial policy
         row["policy/kl_to_initial"] = row["policy/kl_to_reference"]
     history.append({"step": step, **{k: v for k, v in row.items() if isinstance(v, int | float)}})
     fired = alarms(history, cfg.rl.monitor, f"{REWARD_KEY}_mean", [f"{gold_key(g.name)}_mean" for g in cfg.reward.gold])

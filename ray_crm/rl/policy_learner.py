@@ -48,7 +48,8 @@ from ray_crm.checkpoint import load_state_tree, load_tensors, save_state_tree, s
 from ray_crm.config import RLConfig
 from ray_crm.models.loading import load_policy_model, tokenizer_at
 from ray_crm.models.logprobs import token_logprobs
-from ray_crm.rl.policy_losses import clipped_policy_loss, gradient_regularized_grads, kl_to_reference
+from ray_crm.rl.policy_losses import clipped_policy_loss, kl_to_reference
+from ray_crm.rl.regularizers import regularizer
 from ray_crm.rl.weights import policy_state_dict
 from ray_crm.train.deepspeed_config import policy_deepspeed_config, prepare_deepspeed_env
 
@@ -139,12 +140,14 @@ class PolicyLearner:
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.perturb = [bool(BLOCK_PARAM.search(n)) for n in self.names]
-        if self.cfg.regularizer == "gr" and not any(self.perturb):
-            raise ValueError("regularizer=gr perturbs transformer-block parameters, and none is trainable here")
+        self.regularizer = regularizer(cfg.regularizer)
+        if self.regularizer.perturbs_blocks and not any(self.perturb):
+            raise ValueError(f"regularizer={cfg.regularizer} perturbs transformer-block parameters, and none is "
+                             "trainable here")
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(self.params, lr=cfg.lr),
                                                config=policy_deepspeed_config(cfg, world))
         self.model = self.engine.module
-        self.reference = self.snapshot() if cfg.regularizer in ("kl", "reset") else None
+        self.reference = self.snapshot() if self.regularizer.uses_reference else None
         self.step_count = 0
 
     def snapshot(self) -> dict[str, Tensor]:
@@ -210,12 +213,8 @@ class PolicyLearner:
                     stats["policy/kl_to_reference"] = float(sums[1])
             return total
 
-        if cfg.regularizer == "gr":
-            g, gr_stats = gradient_regularized_grads(grads, self.params, cfg.gr_gamma, cfg.gr_fd_eps,
-                                                     cfg.gr_g_clip, self.perturb, clip=cfg.gr_clip)
-            stats.update(gr_stats)
-        else:
-            g = grads()
+        g, estimator_stats = self.regularizer.estimator(grads, self.params, cfg, self.perturb)
+        stats.update(estimator_stats)
         stats["policy/grad_norm"] = float(get_total_norm(g))
         stats["policy/engine_logprob_gap"] = float(gap_sum) / max(tokens, 1.0)
         stats["policy/response_tokens"] = tokens
@@ -224,7 +223,7 @@ class PolicyLearner:
         if not reason:
             self._apply(g)
             self.step_count += 1
-            if cfg.regularizer == "reset" and self.step_count % cfg.reset_every == 0:
+            if self.regularizer.resets_reference and self.step_count % cfg.reset_every == 0:
                 self.reference = self.snapshot()
                 stats["policy/reference_reset"] = 1.0
         return {**stats, "skipped": float(bool(reason)), "skip_reason": reason}
