@@ -73,6 +73,17 @@ def test_stop_ends_a_running_job_started_with_ray_job(head):
     assert "STOPPED" in ray_crm(head, "status", "rcj-sleep").stdout
 
 
+@pytest.mark.parametrize("token", [None, "0" * 64], ids=["no-token", "wrong-token"])
+def test_submit_without_the_heads_token_is_refused_and_starts_nothing(head, token):
+    env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_TOKEN"} | ({"RAY_AUTH_TOKEN": token} if token else {})
+    r = subprocess.run([RAY_CRM, "submit", "demo", "--python", sys.executable, "--print-config", "--no-wait",
+                        "--submission-id", f"rcj-noauth-{bool(token)}", "--address", head.address],
+                       env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode != 0 and "RAY_AUTH_TOKEN" in r.stderr, r.stdout + r.stderr
+    status = ray_crm(head, "status", f"rcj-noauth-{bool(token)}")  # with the token: no such job was created
+    assert status.returncode == 1 and "does not exist" in status.stderr
+
+
 def test_an_unknown_job_is_one_line_and_exit_1(head):
     r = ray_crm(head, "status", "no-such-job")
     assert r.returncode == 1 and "no-such-job" in r.stderr and "Traceback" not in r.stderr
