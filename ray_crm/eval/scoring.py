@@ -69,20 +69,15 @@ class RewardScorer:
         self.batch_size = batch_size
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        import torch
-
         enc = self.encoder.encode(list(prompts), list(responses))
-        order = np.argsort([len(ids) for ids in enc.input_ids], kind="stable")
-        rewards = np.empty(len(order), np.float64)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+
+        def rewards(idx: np.ndarray):
             features = {"input_ids": [enc.input_ids[i] for i in idx]}
             if enc.token_type_ids is not None:
                 features["token_type_ids"] = [enc.token_type_ids[i] for i in idx]
-            batch = self.encoder.tokenizer.pad(features, return_tensors="pt")
-            with torch.inference_mode():
-                rewards[idx] = self.model(**batch).logits[:, self.reward_index].float().numpy()
-        return rewards
+            return self.model(**self.encoder.tokenizer.pad(features, return_tensors="pt")).logits[:, self.reward_index]
+
+        return by_length(enc.input_ids, self.batch_size, rewards)
 
 
 class ImplicitRewardScorer:
@@ -105,18 +100,28 @@ class ImplicitRewardScorer:
         self.beta, self.batch_size = beta, batch_size
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        import torch
-
         from ray_crm.models.loading import pad_sequences
 
         enc = self.encoder.encode(list(prompts), list(responses))
-        order = np.argsort([len(ids) for ids in enc.input_ids], kind="stable")
-        rewards = np.empty(len(order), np.float64)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+
+        def rewards(idx: np.ndarray):
             batch = pad_sequences([enc.input_ids[i] for i in idx], None, self.pad_id)
             starts = [enc.response_starts[i] for i in idx]
-            with torch.inference_mode():
-                policy, reference = (sequence_logprobs(m, batch, starts) for m in self.models)
-            rewards[idx] = (self.beta * (policy - reference)).double().numpy()
-        return rewards
+            policy, reference = (sequence_logprobs(m, batch, starts) for m in self.models)
+            return self.beta * (policy - reference)
+
+        return by_length(enc.input_ids, self.batch_size, rewards)
+
+
+def by_length(input_ids: Sequence[list[int]], batch_size: int, score_batch) -> np.ndarray:
+    """`score_batch(indices)` over batches of similar length (less padding), in inference mode; the scores in
+    the input order, as float64."""
+    import torch
+
+    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+    scores = np.empty(len(order), np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        with torch.inference_mode():
+            scores[idx] = score_batch(idx).float().numpy()
+    return scores
