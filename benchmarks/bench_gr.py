@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ray_crm.assets import resolve_model
-from ray_crm.config import RLConfig
+from ray_crm.config import BF16_MIN_FD_EPS, RLConfig
 from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner
 
 RESULTS = Path(__file__).parent / "results" / "gr.json"
@@ -53,7 +53,9 @@ def main() -> None:
               "sequences": args.sequences, "tokens_per_sequence": 67}
     rows = []
     for precision in ("fp32", "bf16"):
-        learners = {r: PolicyLearner(path, RLConfig(precision=precision, regularizer=r, micro_batch_size=16, lr=1e-5))
+        fd = {"gr_fd_eps": BF16_MIN_FD_EPS} if precision == "bf16" else {}  # bf16 cannot resolve a smaller GR step
+        learners = {r: PolicyLearner(path, RLConfig(precision=precision, regularizer=r, micro_batch_size=16, lr=1e-5,
+                                                    **(fd if r == "gr" else {})))
                     for r in REGULARIZERS}
         times: dict[str, list[float]] = {r: [] for r in REGULARIZERS}
         for learner in learners.values():
