@@ -115,6 +115,7 @@ def _score_all(cfg: Config, engine, ids: list, types: list | None, starts: np.nd
     """
     total = len(ids)
     mine = np.arange(total)[rank::world]
+    mine = mine[np.argsort([len(ids[i]) for i in mine], kind="stable")]  # batches of like length: less padding
     per_rank = -(-total // world)
     padded = np.concatenate([mine, np.full(per_rank - len(mine), mine[-1] if len(mine) else 0)]).astype(int)
     engine.eval()
