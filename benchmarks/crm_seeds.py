@@ -125,6 +125,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default: benchmarks/results/<crm|cdpo>_<bench>.json")
     p.add_argument("--render", action="store_true", help="only print the Markdown table of an existing result file")
     p.add_argument("--no-sweep", action="store_true", help="use the models the sweep has exported so far")
+    p.add_argument("--validation-only", action="store_true",
+                   help="report the exported models' validation figures alone (no test evaluation, no choice of "
+                        "lambda): a pilot, written to <name>_validation.json")
     p.add_argument("--experiment", default="", metavar="SUFFIX",
                    help="run the sweep as crm_<bench>SUFFIX, e.g. to add seeds to an earlier sweep (Tune cannot grow "
                         "a finished grid); the report uses the models of every crm_<bench>* sweep trained as this one")
@@ -169,7 +172,15 @@ def main() -> None:
         seen.add(key)
         rows.append({"lambda": c["loss"]["lambda_mmd"], "seed": c["train"]["seed"], "model": str(card_path.parent / "merged"),
                      **{k: card["metrics"][k] for k in ("val_accuracy", "val_balanced_accuracy", "val_ci_gap_std",
-                                                        "val_reward_std", "step")}})
+                                                        "val_reward_std", "val_z_spearman", "step")}})
+    if args.validation_only:
+        write_json(out.with_name(f"{name}_validation.json"), {
+            "bench": args.bench, "family": args.family, "variant": args.variant, "overrides": args.overrides,
+            "command": " ".join(["python", "benchmarks/crm_seeds.py", *sys.argv[1:]]),
+            "note": "validation figures of the models trained so far; no test evaluation, no lambda chosen",
+            "models": rows})
+        print(json.dumps(rows, indent=2))
+        return
     missing = sorted({(lam, s) for lam in grid for s in args.seeds} - {(r["lambda"], r["seed"]) for r in rows})
     if missing and not args.no_sweep:
         sys.exit(f"models missing for (lambda, seed) {missing}: rerun to resume the sweep")
@@ -209,11 +220,16 @@ def main() -> None:
         "spread_ratio": {**mean_se(spread), "values": spread},
         "per_lambda": per_lambda, "models": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(out, result)
     print(markdown(result))
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Beside, then renamed: a killed run leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
