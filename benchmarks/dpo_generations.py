@@ -63,7 +63,7 @@ def main() -> None:
                             **generate(m["model"], prompts, cfg, args.samples, args.max_new_tokens)}
         print(label, per_model[label], flush=True)
     lambdas = sorted({m["lambda"] for m in result["models"]})
-    seeds = result["seeds"]
+    seeds = sorted({m["seed"] for m in result["models"]})
     per_lambda = {f"{lam:g}": {k: mean_se([per_model[f"l{lam:g}-s{s}"][k] for s in seeds])
                                for k in ("response_tokens", "eos_fraction", "vader")} for lam in lambdas}
     ratios = {}
@@ -74,7 +74,7 @@ def main() -> None:
     out = {"command": " ".join(["python", "benchmarks/dpo_generations.py", *sys.argv[1:]]), "prompts": prompts,
            "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens, "temperature": 0.7,
            "per_model": per_model, "per_lambda": per_lambda, "length_ratio_over_dpo": ratios}
-    path = Path(args.result).with_name(Path(args.result).stem + "_generations.json")
+    path = Path(args.result).with_name(Path(args.result).stem.removesuffix("_validation") + "_generations.json")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(path)
