@@ -289,3 +289,19 @@ def test_overriding_one_rl_lora_key_keeps_the_other_rl_defaults():
     cfg = load_config(None, ["rl.lora.rank=8"])
     assert (cfg.rl.lora.rank, cfg.rl.lora.alpha) == (8, 32)
     assert (cfg.model.lora.rank, cfg.model.lora.alpha) == (64, 128)
+
+
+def test_dpo_family_settings_are_checked_across_sections():
+    from ray_crm.config import ConfigError, pair_stage, validate
+
+    assert pair_stage(validate({"loss": {"type": "causal_dpo", "lambda_mmd": 0.1}})) == "train-dpo"
+    assert pair_stage(validate({"loss": {"type": "crm", "lambda_mmd": 0.1}})) == "train-rm"
+    with pytest.raises(ConfigError, match="loss.beta.*trains a reward head"):
+        validate({"loss": {"type": "bt", "beta": 0.5}})
+    with pytest.raises(ConfigError, match="loss.lambda_mmd.*loss.type=dpo trains without the MMD penalty"):
+        validate({"loss": {"type": "dpo", "lambda_mmd": 0.1}})
+    with pytest.raises(ConfigError, match="model.lora.enabled.*adapter disabled"):
+        validate({"loss": {"type": "dpo"}, "model": {"lora": {"enabled": False}}})
+    with pytest.raises(ConfigError, match="sweep.stage.*trains with train-dpo"):
+        validate({"loss": {"type": "causal_dpo"}, "sweep": {"stage": "train-rm",
+                                                             "space": {"loss.lambda_mmd": {"grid": [0, 1]}}}})
