@@ -8,6 +8,10 @@ same batch of real length-benchmark pairs for both sides (chat template, each re
 2B sequences (policy forward with gradient, reference forward with the adapter off), the loss from the registry
 (`dpo`, or `causal_dpo` conditional at lambda 0.1), backward and an AdamW step. Both sides run the same number of
 rounds, interleaved; the ratio is of the medians of CPU time, and every round is reported.
+
+`--trl` also times TRL's `DPOTrainer` on the same pairs (repeated), model, LoRA, batch, beta, precision and threads
+(its reference: the adapter switched off, as ours), wall seconds per step after warm-up from a step-end callback,
+against the wall time of our `dpo` step: `ours_over_trl_dpo` = TRL's median / ours (above 1: ours is faster).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--trl", action="store_true", help="also time TRL's DPOTrainer on the same pairs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "dpo_length.yaml")
@@ -60,17 +65,21 @@ def main() -> None:
             "causal_dpo": PairLossSettings(lam=0.1, variant="conditional", mmd=MMDConfig(num_bins=10))}
     n = args.pairs
 
+    wall: dict[str, list[float]] = {name: [] for name in arms}
+
     def step(name: str) -> float:
-        t0 = time.process_time()
+        t0, w0 = time.process_time(), time.perf_counter()
         rewards = implicit_reward(model, batch, starts, cfg.loss.beta)
         loss, _ = pair_loss(name)(rewards[:n], rewards[n:], bins[:n], bins[n:], arms[name])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        wall[name].append(time.perf_counter() - w0)
         return time.process_time() - t0
 
     for name in arms:  # warm-up
         step(name)
+        wall[name].clear()
     rounds: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.rounds):
         for name in arms:
@@ -84,8 +93,48 @@ def main() -> None:
         "cpu_seconds_per_step": rounds, "median": median,
         "causal_dpo_over_dpo": median["causal_dpo"] / median["dpo"],
     }
+    if args.trl:
+        trl_steps = trl_seconds_per_step(path, frame, cfg, args.rounds)
+        result.update(wall_seconds_per_step={"ours_dpo": wall["dpo"], "trl_dpo": trl_steps},
+                      ours_over_trl_dpo=statistics.median(trl_steps) / statistics.median(wall["dpo"]))
     RESULTS.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("median", "causal_dpo_over_dpo")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("median", "causal_dpo_over_dpo", "ours_over_trl_dpo") if k in result},
+                     indent=2))
+
+
+def trl_seconds_per_step(path: str, frame: pd.DataFrame, cfg, rounds: int) -> list[float]:
+    """Wall seconds of each of TRL DPOTrainer's steps after one warm-up step, one batch of all `frame`'s pairs each."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            stamps.append(time.perf_counter())
+
+    rows = [{"prompt": [{"role": "user", "content": r.prompt}], "chosen": [{"role": "assistant", "content": r.chosen}],
+             "rejected": [{"role": "assistant", "content": r.rejected}]} for r in frame.itertuples()]
+    steps = rounds + 1
+    data = Dataset.from_list(rows * steps)
+    lora = cfg.model.lora
+    args = DPOConfig(output_dir=str(ROOT / "outputs" / "bench_dpo_trl"), per_device_train_batch_size=len(rows),
+                     max_steps=steps, learning_rate=1e-5, beta=cfg.loss.beta, bf16=False, max_length=cfg.model.max_length,
+                     report_to=[], logging_steps=10**6, save_strategy="no", dataloader_num_workers=0, use_cpu=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args, train_dataset=data,
+                         processing_class=tok, callbacks=[Clock()],
+                         peft_config=LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    trainer.train()
+    return [end - begin for begin, end in zip(stamps[2::2], stamps[3::2])]
 
 
 if __name__ == "__main__":
