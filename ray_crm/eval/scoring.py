@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_crm.assets import resolve_model
+from ray_crm.config import POLICY_LOSSES, LoraConfig
 from ray_crm.data.encode import PairEncoder
 from ray_crm.models.logprobs import sequence_logprobs
 
@@ -33,7 +34,7 @@ def dpo_card(folder: Path) -> dict | None:
     if not card.is_file():
         return None
     config = json.loads(card.read_text()).get("config", {})
-    return config if config.get("loss", {}).get("type") in ("dpo", "ipo", "causal_dpo") else None
+    return config if config.get("loss", {}).get("type") in POLICY_LOSSES else None
 
 
 def scorer_for(model: str, max_length: int, template: str = "auto", batch_size: int = 64,
@@ -87,15 +88,14 @@ class ImplicitRewardScorer:
     def __init__(self, policy: str, reference: str, beta: float, max_length: int, batch_size: int = 32,
                  threads: int = 1) -> None:
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from ray_crm.models.loading import tokenizer_at
+        from ray_crm.models.loading import load_policy_model, tokenizer_at
 
         torch.set_num_threads(threads)
         self.path = model_folder(policy)
         self.encoder = PairEncoder(str(self.path), max_length, "chat")
         self.pad_id = tokenizer_at(self.path).pad_token_id
-        self.models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+        self.models = [load_policy_model(p, LoraConfig(enabled=False), self.pad_id).eval()
                        for p in (self.path, resolve_model(reference))]
         self.beta, self.batch_size = beta, batch_size
 

@@ -58,8 +58,7 @@ def sequence_scores(cfg: Config, engine, batch: dict[str, torch.Tensor], starts:
                     with_representation: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the pair loss compares, per sequence: a reward head's reward, or a policy's implicit reward."""
     if cfg.loss.trains_policy:
-        return implicit_reward(engine, batch, torch.as_tensor(starts, device=batch["input_ids"].device),
-                               cfg.loss.beta), None
+        return implicit_reward(engine, batch, starts, cfg.loss.beta), None
     return score(engine, batch, with_representation)
 
 
