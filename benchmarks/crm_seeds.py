@@ -3,7 +3,7 @@ trained with several seeds, reported on test with mean +- standard error and a 9
 
     python benchmarks/crm_seeds.py --bench length          # -> benchmarks/results/crm_length.json (+ .md)
     python benchmarks/crm_seeds.py --bench sycophancy --lambdas 10 100 --seeds 0 1 2 --set train.lr=5e-4
-    python benchmarks/crm_seeds.py --family dpo --bench length --lambdas 0.03 0.3   # -> cdpo_length.json
+    python benchmarks/crm_seeds.py --family dpo --bench length --lambdas 0.03 0.3   # -> results/cdpo_<bench>.json
 
 `--family dpo` trains policies with Causal DPO (`configs/dpo_<bench>.yaml`, `ray-crm train-dpo`; lambda 0 is plain
 DPO step for step) and scores each by its implicit reward beta * log(pi / pi_ref), read as a reward model.
