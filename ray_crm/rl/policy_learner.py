@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -187,10 +188,12 @@ class PolicyLearner:
                   for o, mb in zip(old, micro, strict=True))
         (gap_sum,) = self._sum_over_ranks([torch.tensor([gap], dtype=torch.float64, device=self.params[0].device)])
         stats: dict[str, float] = {}
+        calls: list[float] = []  # seconds of each full-batch gradient: GR's second one is its extra cost
 
         def grads() -> list[Tensor]:
             """grad of the batch loss on every rank: accumulated over this rank's micro-batches, then summed over
             ranks; the first call (at the unperturbed weights) fills `stats`."""
+            t0 = time.perf_counter()
             total = [torch.zeros_like(p) for p in self.params]
             sums = torch.zeros(3, dtype=total[0].dtype, device=total[0].device)  # loss, KL, clip fraction
             for i, mb in enumerate(micro):
@@ -211,9 +214,17 @@ class PolicyLearner:
                 stats.update({"policy/loss": float(sums[0]), "policy/clip_fraction": float(sums[2])})
                 if ref is not None:
                     stats["policy/kl_to_reference"] = float(sums[1])
+            calls.append(time.perf_counter() - t0)
             return total
 
+        t_estimate = time.perf_counter()
         g, estimator_stats = self.regularizer.estimator(grads, self.params, cfg, self.perturb)
+        t_apply = time.perf_counter()
+        # the split of the update: the gradient at the weights, what the regularizer's estimator adds on top
+        # (GR: the perturbed second gradient, perturbation and restore), and the optimizer step
+        stats["time/learn_grad_s"] = calls[0]
+        stats["time/learn_regularizer_s"] = t_apply - t_estimate - calls[0]
+        stats["time/learn_step_s"] = 0.0
         stats.update(estimator_stats)
         stats["policy/grad_norm"] = float(get_total_norm(g))
         stats["policy/engine_logprob_gap"] = float(gap_sum) / max(tokens, 1.0)
@@ -222,6 +233,7 @@ class PolicyLearner:
                   else "non-finite gradient" if not math.isfinite(stats["policy/grad_norm"]) else "")
         if not reason:
             self._apply(g)
+            stats["time/learn_step_s"] = time.perf_counter() - t_apply
             self.step_count += 1
             if self.regularizer.resets_reference and self.step_count % cfg.reset_every == 0:
                 self.reference = self.snapshot()

@@ -100,17 +100,22 @@ def test_a_step_raises_the_favoured_response_and_lowers_the_other(tiny_llama_dir
 
 
 def test_gr_with_gamma_zero_steps_like_no_regularizer_and_gamma_changes_the_step(tiny_llama_dir):
-    steps = {}
+    """Also the update's time split: a plain update spends ~nothing beyond its gradient, GR a second gradient."""
+    steps, times = {}, {}
     for name, kw in {"none": {}, "gr0": {"regularizer": "gr", "gr_gamma": 0.0},
                      "gr": {"regularizer": "gr", "gr_gamma": 1.0, "gr_fd_eps": 1e-2}}.items():
         learner = PolicyLearner(tiny_llama_dir, _cfg(lr=1e-3, **kw))
         start = _params(learner)
         stats = learner.step(_batch())
         steps[name] = [p.detach() - s for p, s in zip(learner.params, start)]
+        times[name] = {k: stats[f"time/learn_{k}_s"] for k in ("grad", "regularizer", "step")}
+        assert all(t > 0 for t in (times[name]["grad"], times[name]["step"])), times[name]
         if name != "none":
             assert stats["gr/g1_norm"] > 0 and stats["gr/g2_norm"] > 0
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(steps["none"], steps["gr0"]))
     assert not all(torch.allclose(a, b, atol=1e-7) for a, b in zip(steps["none"], steps["gr"]))
+    assert times["none"]["regularizer"] < 0.1 * times["none"]["grad"]
+    assert times["gr"]["regularizer"] > 0.3 * times["gr"]["grad"]
 
 
 def test_gr_perturbs_only_transformer_block_parameters(tiny_llama_dir):
