@@ -25,6 +25,9 @@ def add_eval_aliases(p: argparse.ArgumentParser, stage: str) -> None:
     if stage == "sweep":
         p.add_argument("--resume", action="store_true",
                        help="continue the interrupted sweep of the same name (sets sweep.resume=true)")
+    if stage == "demo":
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show every stage's output (Ray logs, progress bars) instead of one line per stage")
     if stage in ("eval", "audit"):
         p.add_argument("--model", action="append", metavar="[LABEL=]DIR",
                        help="a reward model folder to score, repeatable (sets eval.models)")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
     keep_local_cluster_on_loopback(cfg.ray)
-    result = run_stage(args.command, cfg)
+    result = run_stage(args.command, cfg, **({"verbose": args.verbose} if args.command == "demo" else {}))
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -10,12 +10,12 @@ the causal loss (`loss.type=crm`, variant, lambda); `rl.steps=0` skips the RL pa
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from ray_crm.assets import fetch_all
 from ray_crm.config import Config, ConfigError, dump_config, validate
+from ray_crm.console import StageConsole
 from ray_crm.eval.benchmarks import benchmark_dir
 from ray_crm.runtime import init_ray
 from ray_crm.stages import run_stage
@@ -28,42 +28,48 @@ def _with(cfg: Config, **sections: dict[str, Any]) -> Config:
     return validate(data, "demo")
 
 
-def _timed(results: dict[str, Any], key: str, stage: str, cfg: Config) -> dict[str, Any]:
-    print(f"== ray-crm demo: {key}", flush=True)
-    start = time.perf_counter()
-    results[key] = {**run_stage(stage, cfg), "seconds": round(time.perf_counter() - start, 1)}
+def _stage(console: StageConsole, results: dict[str, Any], key: str, stage: str, cfg: Config) -> dict[str, Any]:
+    results[key] = console.stage(key, lambda: run_stage(stage, cfg))
     return results[key]
 
 
-def run_demo(cfg: Config) -> dict[str, Any]:
+def run_demo(cfg: Config, verbose: bool = False) -> dict[str, Any]:
+    """The main job. The console shows one line per stage and the closing tables; every stage's own output goes
+    to `<output_dir>/demo/demo.log` (`verbose`: to the console as well as it comes)."""
     if cfg.loss.type != "crm" or len(cfg.bench.names) != 1:
         raise ConfigError("the demo compares a vanilla RM with the config's causal RM on one benchmark: "
                           "set loss.type=crm and a single bench.names entry")
-    fetch_all()
-    init_ray(cfg.ray)
     out = cfg.stage_dir("demo")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
+    console = StageConsole(out / "demo.log", total=6 + (2 if cfg.rl.steps else 0), verbose=verbose)
+    console.say(f"ray-crm demo: {cfg.bench.names[0]} benchmark, vanilla vs causal RM"
+                + (", then GRPO against each" if cfg.rl.steps else "") + f"; stage output in {console.log}")
     results: dict[str, Any] = {}
-    _timed(results, "bench", "bench", cfg)
-    _timed(results, "prepare", "prepare", cfg)
+    console.stage("assets and cluster", lambda: (fetch_all(), init_ray(cfg.ray)))
+    _stage(console, results, "bench", "bench", cfg)
+    _stage(console, results, "prepare", "prepare", cfg)
     models = {}
     for label, variant in (("vanilla", _with(cfg, loss={"type": "bt", "lambda_mmd": 0.0})), ("crm", cfg)):
-        models[label] = _timed(results, f"train-rm/{label}", "train-rm", variant)["model"]
-    _timed(results, "eval", "eval", _with(cfg, eval={"models": [f"{k}={v}" for k, v in models.items()]}))
+        models[label] = _stage(console, results, f"train-rm/{label}", "train-rm", variant)["model"]
+    _stage(console, results, "eval", "eval", _with(cfg, eval={"models": [f"{k}={v}" for k, v in models.items()]}))
     if cfg.rl.steps:
         prompts = cfg.rl.prompts or [str(benchmark_dir(cfg.bench.names[0], cfg.bench) / "test.parquet")]
         for label, model in models.items():
             rl_cfg = _with(cfg, reward={"model": model, "template": cfg.data.template, "max_length": cfg.model.max_length},
                            rl={"prompts": prompts, "output_dir": str(cfg.stage_dir("train-rl") / label)})
-            _timed(results, f"train-rl/{label}", "train-rl", rl_cfg)
+            _stage(console, results, f"train-rl/{label}", "train-rl", rl_cfg)
+    results["seconds"] = console.seconds
     (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
-    results["summary"] = str(out / "summary.json")
-    print(test_table(Path(results["eval"]["report"]), cfg.bench.names[0]))
-    print(f"report: {results['eval']['markdown']}; models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
+    console.say()
+    console.say(test_table(Path(results["eval"]["report"]), cfg.bench.names[0]))
     for label in models if cfg.rl.steps else ():
-        print(f"GRPO on {label:8s} {rl_drift(Path(results[f'train-rl/{label}']['metrics']))}")
-    return results
+        console.say(f"GRPO on {label:8s} {rl_drift(Path(results[f'train-rl/{label}']['metrics']))}")
+    console.say(f"\nreport and plots: {results['eval']['markdown']}\nmodels: "
+                + ", ".join(f"{k} {v}" for k, v in models.items()) + f"\nsummary: {out / 'summary.json'}"
+                + f"\nstage seconds: {json.dumps(console.seconds)}")
+    console.close()
+    return {"summary": str(out / "summary.json"), "report": results["eval"]["markdown"], "log": str(console.log)}
 
 
 def test_table(report: Path, bench: str) -> str:

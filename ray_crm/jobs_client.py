@@ -75,7 +75,7 @@ def build_runtime_env(path: Path, config_dir: Path | None) -> dict[str, Any]:
     return env
 
 
-def submit(stage: str, config: str | None, overrides: list[str], *, print_config: bool = False,
+def submit(stage: str, config: str | None, overrides: list[str], *, print_config: bool = False, verbose: bool = False,
            address: str | None = None, wait: bool = True, python: str = "python", submission_id: str | None = None,
            runtime_env: str | Path = RUNTIME_ENV) -> int:
     """Check the config, submit the stage, then (unless wait=False) stream its logs until it ends."""
@@ -83,7 +83,8 @@ def submit(stage: str, config: str | None, overrides: list[str], *, print_config
     if not Path(cfg.output_dir).is_absolute():
         print(f"ray-crm submit: warning: output_dir '{cfg.output_dir}' is relative, so the job writes inside its "
               "temporary copy of the working dir; give output_dir=/a/path/every/node/sees", file=sys.stderr)
-    args = [python, job_script(stage), *overrides, *(["--print-config"] if print_config else [])]
+    args = [python, job_script(stage), *overrides, *(["--print-config"] if print_config else []),
+            *(["--verbose"] if verbose else [])]
     client = _client(address)
     with shipped_config(Path(config).read_text() if config else None) as config_dir:
         job_id = client.submit_job(
@@ -189,6 +190,7 @@ def run_command(args: argparse.Namespace, alias_overrides: list[str]) -> int:
     try:
         if args.command == "submit":
             return submit(args.stage, args.config, args.overrides + alias_overrides, print_config=args.print_config,
+                          verbose=getattr(args, "verbose", False),
                           address=args.address, wait=not args.no_wait, python=args.python,
                           submission_id=args.submission_id, runtime_env=args.runtime_env)
         if args.command == "status":

@@ -21,7 +21,7 @@ class Stage:
     target: str  # "module:function"
     help: str
 
-    def load(self) -> Callable[[Config], dict[str, Any]]:
+    def load(self) -> Callable[..., dict[str, Any]]:
         module, _, func = self.target.partition(":")
         return getattr(importlib.import_module(module), func)
 
@@ -53,5 +53,6 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def run_stage(name: str, cfg: Config) -> dict[str, Any]:
-    return STAGES[name].load()(cfg)
+def run_stage(name: str, cfg: Config, **options: Any) -> dict[str, Any]:
+    """Run a stage; `options` are its console flags (the demo's `verbose`), not settings: those are in `cfg`."""
+    return STAGES[name].load()(cfg, **options)

@@ -1,0 +1,56 @@
+"""The main job's console: one line per stage, everything a stage prints (Python, C-level writes, child processes)
+in the log file, and the terminal back as it was after a stage, even one that fails."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ray_crm.console import StageConsole
+
+
+def _noisy() -> int:
+    print("python print")
+    print("python stderr", file=sys.stderr)
+    os.write(1, b"fd write\n")
+    subprocess.run(["sh", "-c", "echo child stdout; echo child stderr >&2"], check=True)
+    return 7
+
+
+def test_a_stage_prints_one_line_and_its_output_goes_to_the_log(tmp_path, capfd):
+    console = StageConsole(tmp_path / "run.log", total=2)
+    assert console.stage("prepare", _noisy) == 7
+    print("after the stage")
+    console.close()
+    out, err = capfd.readouterr()
+    log = (tmp_path / "run.log").read_text()
+    for line in ("python print", "python stderr", "fd write", "child stdout", "child stderr"):
+        assert line in log and line not in out + err
+    assert out.startswith("[1/2] prepare") and out.count("\n") == 2 and "after the stage" in out
+    assert console.seconds["prepare"] >= 0
+
+
+def test_a_failing_stage_says_so_and_gives_the_terminal_back(tmp_path, capfd):
+    console = StageConsole(tmp_path / "run.log", total=1)
+
+    def broken():
+        print("partial output")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        console.stage("train-rm/vanilla", broken)
+    print("still here")
+    out, _ = capfd.readouterr()
+    assert "train-rm/vanilla" in out and "failed after" in out and str(tmp_path / "run.log") in out
+    assert "still here" in out and "partial output" not in out
+    assert "partial output" in (tmp_path / "run.log").read_text()
+    assert "train-rm/vanilla" not in console.seconds
+
+
+def test_verbose_leaves_the_output_on_the_terminal(tmp_path, capfd):
+    console = StageConsole(tmp_path / "run.log", total=1, verbose=True)
+    console.stage("bench", _noisy)
+    out, err = capfd.readouterr()
+    assert "python print" in out and "child stderr" in err and "[1/1] bench" in out
+    assert not (tmp_path / "run.log").exists()
