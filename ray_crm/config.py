@@ -157,6 +157,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps as well as each epoch")
     keep_checkpoints: int = Field(2, ge=1)
     checkpoint_metric: str = "val_accuracy"
+    calibrate_scale: bool = Field(True, description=(
+        "reward models: the export's reward is multiplied by the scale that minimises the BT loss of the "
+        "validation pairs at the chosen checkpoint, so r_c - r_r reads as calibrated log-odds whatever the penalty "
+        "did to the scale (rankings and reward-std figures unchanged); the factor is in the model card"))
     max_failures: int = Field(1, ge=0)
     seed: int = Field(0, ge=0)  # every seed is >= 0: numpy's generators refuse negative ones
 
@@ -669,6 +673,7 @@ def run_name(cfg: Config) -> str:
     dumped = cfg.model_dump(mode="json")
     keyed = {k: dumped[k] for k in ("model", "loss", "train", "data")}
     keyed["train"].pop("max_failures", None)
+    keyed["train"].pop("calibrate_scale", None)  # applied at export: the same training either way
     keyed["data"].pop("twins", None)  # scored, never trained on
     if not cfg.loss.trains_policy:
         keyed["loss"].pop("beta")  # read by DPO alone: reward models keep the names they had before it existed

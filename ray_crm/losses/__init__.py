@@ -5,6 +5,7 @@ from ray_crm.losses.distributed import gather_global
 from ray_crm.losses.mmd import MMDConfig, MMDStats, binned_mmd_penalty, mmd2
 from ray_crm.losses.preference import (
     bradley_terry_loss,
+    bt_calibration_scale,
     causal_dpo_loss,
     causal_penalty,
     crm_loss,
@@ -21,6 +22,7 @@ __all__ = [
     "PairLossSettings",
     "binned_mmd_penalty",
     "bradley_terry_loss",
+    "bt_calibration_scale",
     "causal_dpo_loss",
     "causal_penalty",
     "crm_loss",

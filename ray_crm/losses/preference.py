@@ -165,3 +165,25 @@ def causal_dpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )
     return crm_loss(chosen, rejected, chosen_bins, rejected_bins, lam, variant, mmd, global_batch=global_batch)
+
+
+def bt_calibration_scale(margins: Tensor, low: float = 1e-3, high: float = 1e3, iters: int = 60) -> float:
+    """The scale c > 0 that minimises the Bradley-Terry loss -mean log sigmoid(c * margin) of held-out pairs.
+
+    A BT reward's scale is meaningful only as calibration: r_c - r_r should be the log-odds that c is preferred.
+    A causal RM whose penalty slowed its BT loss ranks pairs well at a tiny scale; multiplying its reward by c
+    gives it the scale its own held-out preferences support, without changing any ranking or any bias figure
+    in reward-std units. The loss is convex in c, so its derivative, -mean(m * sigmoid(-c m)), is increasing:
+    bisection on log c within [low, high]. When every pair is ranked right (or every one wrong) no finite scale
+    is best and 1 is returned: the pairs carry no evidence about the scale.
+    """
+    m = margins.detach().double().flatten()
+    m = m[torch.isfinite(m)]
+    if not (bool((m > 0).any()) and bool((m < 0).any())):
+        return 1.0
+    lo, hi = torch.tensor(low, dtype=m.dtype).log(), torch.tensor(high, dtype=m.dtype).log()
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        slope = -(m * torch.sigmoid(-mid.exp() * m)).mean()
+        lo, hi = (mid, hi) if slope < 0 else (lo, mid)
+    return float(((lo + hi) / 2).exp())

@@ -115,11 +115,47 @@ def pad_pairs(rows: dict[str, Any], pad_id: int, device: torch.device | str = "c
 DATA_MANIFEST = "data_manifest.json"
 
 
+def reward_head(model) -> tuple[str, torch.nn.Linear]:
+    """The Linear layer that outputs a sequence-classification model's scalar reward, and its module name:
+    `score` (Llama, Qwen, GPT-2), `classifier` (BERT, MiniLM) or `classifier.out_proj` (RoBERTa, DeBERTa-v2)."""
+    for name in ("score", "classifier", "classifier.out_proj"):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, torch.nn.Linear) and module.out_features == 1:
+            return name, module
+    raise ValueError(f"{type(model).__name__} has no scalar reward head (score, classifier or classifier.out_proj)")
+
+
+@torch.no_grad()
+def scale_reward_head(model, factor: float) -> str:
+    """Multiply the model's reward by `factor` (its head's weight and bias); returns the head's module name."""
+    name, head = reward_head(model)
+    head.weight.mul_(factor)
+    if head.bias is not None:
+        head.bias.mul_(factor)
+    return name
+
+
+def _scale_adapter_head(adapter_dir: Path, head: str, factor: float) -> None:
+    """The same scaling in a saved PEFT adapter, whose head is stored in full (modules_to_save)."""
+    from safetensors.torch import load_file, save_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(path)
+    keys = [k for k in tensors if k.endswith((f".{head}.weight", f".{head}.bias"))]
+    if not keys:
+        raise ValueError(f"{path} holds no tensor of the reward head '{head}' to scale")
+    save_file({k: v * factor if k in keys else v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
 def export_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, card: dict[str, Any],
-                 manifest: dict[str, Any] | None = None, policy: bool = False) -> Path:
+                 manifest: dict[str, Any] | None = None, policy: bool = False, reward_scale: float = 1.0) -> Path:
     """Write `out/merged` (plain HF folder, with the `prepare` manifest of its training data as `DATA_MANIFEST`:
     a PPO run bins its rollouts with the same extractors and bins), `out/adapter` (LoRA alone) and
-    `out/model_card.json`. `policy`: a causal LM (DPO), else a sequence-classification reward model."""
+    `out/model_card.json`. `policy`: a causal LM (DPO), else a sequence-classification reward model, whose
+    reward is multiplied by `reward_scale` in both folders (the calibration of `train.calibrate_scale`)."""
     import shutil
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -136,6 +172,12 @@ def export_model(model_cfg: ModelConfig, weights_dir: Path, out: Path, card: dic
         shutil.copytree(weights_dir, out / "adapter", dirs_exist_ok=True)
     else:
         model = auto.from_pretrained(weights_dir, dtype=torch.float32)
+    if reward_scale != 1.0:
+        if policy:
+            raise ValueError("reward_scale applies to reward models; a policy's implicit reward is scaled by beta")
+        head = scale_reward_head(model, reward_scale)
+        if model_cfg.lora.enabled:
+            _scale_adapter_head(out / "adapter", head, reward_scale)
     model.save_pretrained(merged_dir, safe_serialization=True)
     tok.save_pretrained(merged_dir)
     if manifest is not None:

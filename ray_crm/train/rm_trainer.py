@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,15 @@ from ray_crm.checkpoint import file_manifest, latest_verified, verify_checkpoint
 from ray_crm.config import Config, pair_stage, run_name
 from ray_crm.data.sampler import StratifiedBatchSampler
 from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman, z_balanced_accuracy
-from ray_crm.losses import MMDConfig, PairLossSettings, crm_loss, gather_global, pair_loss
+from ray_crm.losses import (
+    MMDConfig,
+    PairLossSettings,
+    bradley_terry_loss,
+    bt_calibration_scale,
+    crm_loss,
+    gather_global,
+    pair_loss,
+)
 from ray_crm.models.loading import load_pair_model, load_tokenizer, pad_pairs, pad_sequences, score
 from ray_crm.models.logprobs import implicit_reward
 from ray_crm.runtime import init_ray, set_threads
@@ -347,6 +354,18 @@ def train_loop(config: dict[str, Any]) -> None:
     dist.barrier()
 
 
+def reward_calibration(cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """The export's reward scale (`train.calibrate_scale`; reward models only) and the validation BT loss and
+    reward spread before and after it."""
+    chosen, rejected = torch.as_tensor(scores["chosen"]), torch.as_tensor(scores["rejected"])
+    on = cfg.train.calibrate_scale and not cfg.loss.trains_policy
+    scale = bt_calibration_scale(chosen - rejected) if on else 1.0
+    flat = torch.cat([chosen, rejected])
+    return {"scale": scale, "val_bt_loss": float(bradley_terry_loss(chosen, rejected)[0]),
+            "val_bt_loss_calibrated": float(bradley_terry_loss(scale * chosen, scale * rejected)[0]),
+            "val_reward_std": float(flat.std()), "val_reward_std_calibrated": float(scale * flat.std())}
+
+
 def run_train_rm(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """`ray-crm train-rm`: a reward model (loss.type bt or crm); see `train_on_pairs`."""
     if cfg.loss.trains_policy:
@@ -415,11 +434,15 @@ def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callback
     sign = 1.0 if order == "max" else -1.0
     best, best_metrics = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.train.checkpoint_metric])
     with best.as_directory() as folder:
+        scores = dict(np.load(Path(folder) / VAL_SCORES))
+        calibration = reward_calibration(cfg, scores)
         card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest.get("hash"),
-                "metrics": best_metrics, "final_metrics": result.metrics}
+                "metrics": best_metrics, "final_metrics": result.metrics, "reward_calibration": calibration}
         merged = export_model(cfg.model, Path(folder) / "model", out / "export", card, manifest,
-                              policy=cfg.loss.trains_policy)
-        shutil.copy(Path(folder) / VAL_SCORES, out / "export" / VAL_SCORES)
+                              policy=cfg.loss.trains_policy, reward_scale=calibration["scale"])
+        for side in ("chosen", "rejected"):  # the export's own rewards of the validation pairs
+            scores[side] = scores[side] * calibration["scale"]
+        np.savez(out / "export" / VAL_SCORES, **scores)
     return {"model": str(merged), "run": name, "logs": str(out / "logs"), "final_step": result.metrics["step"],
             # every validation metric: a Tune trial's return value is its last result, ranked by any of them
             **{k: v for k, v in best_metrics.items() if k.startswith("val_") or k == "step"}}

@@ -79,6 +79,9 @@ def test_zero3_conditional_export_scores_as_the_trainer_did(prepared, tiny_bert_
     assert (export / "adapter" / "adapter_config.json").exists()
     card = json.loads((export / "model_card.json").read_text())
     assert card["config"]["loss"]["variant"] == "conditional"
+    # the export's reward is calibrated on the validation pairs: never a worse held-out BT loss than as trained
+    cal = card["reward_calibration"]
+    assert cal["scale"] > 0 and cal["val_bt_loss_calibrated"] <= cal["val_bt_loss"] + 1e-9
 
     model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     tok = AutoTokenizer.from_pretrained(merged)

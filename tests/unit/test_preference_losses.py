@@ -14,6 +14,7 @@ from ray_crm.losses import (
     MMDConfig,
     binned_mmd_penalty,
     bradley_terry_loss,
+    bt_calibration_scale,
     causal_dpo_loss,
     crm_loss,
     dpo_loss,
@@ -190,3 +191,17 @@ def test_causal_dpo_at_lambda_zero_is_dpo_with_the_same_gradient(batch):
     b, mb = pair_loss("dpo")(chosen, rejected, bins_c, bins_r, s)
     assert torch.equal(a, b) and torch.equal(ma["mmd/penalty"], mb["mmd/penalty"])
     assert all(torch.equal(x, y) for x, y in zip(_grads(a, chosen, rejected), _grads(b, chosen, rejected)))
+
+
+def test_calibration_scale_recovers_the_log_odds_and_minimises_the_held_out_bt_loss():
+    """Pairs preferred with log-odds 2x, scored with margins 0.05x: the scale is ~40, and it is the BT loss's
+    minimum (a little more or less scores worse); pairs all ranked one way give no scale (1)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g, dtype=torch.float64)
+    won = torch.rand(20000, generator=g, dtype=torch.float64) < torch.sigmoid(2 * x)
+    margins = torch.where(won, 0.05 * x, -0.05 * x)
+    c = bt_calibration_scale(margins)
+    assert c == pytest.approx(40, rel=0.05)
+    loss = lambda k: float(bradley_terry_loss(k * margins, torch.zeros_like(margins))[0])
+    assert loss(c) < min(loss(0.95 * c), loss(1.05 * c), loss(1.0))
+    assert bt_calibration_scale(torch.tensor([0.5, 1.0])) == bt_calibration_scale(torch.tensor([-1.0, 0.0])) == 1.0

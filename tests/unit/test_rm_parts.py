@@ -28,6 +28,8 @@ def test_run_name_changes_with_training_config_only():
     assert "crm-unco-l1" in run_name(a)
     # the validation twins are scored, not trained on: where they live does not rename the run
     assert run_name(a) == run_name(load_config(None, ["loss.type=crm", "loss.lambda_mmd=1.0", "data.twins=x.parquet"]))
+    # nor does the export's calibration, applied after training
+    assert run_name(a) == run_name(load_config(None, ["loss.type=crm", "loss.lambda_mmd=1.0", "train.calibrate_scale=false"]))
 
 
 def test_balanced_accuracy_gives_a_z_shortcut_nothing():
@@ -68,3 +70,31 @@ def test_pairs_score_identically_alone_and_padded_in_a_batch(tiny_bert_dir):
     assert rewards.shape == (4,) and reps.shape == (4, 64)
     torch.testing.assert_close(rewards[0], alone[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(rewards[0], rewards[3], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_an_export_with_a_reward_scale_scores_that_many_times_the_trained_model(tiny_bert_dir, tmp_path, lora):
+    """The merged model and (LoRA) the adapter on its base both give `reward_scale` x the trained rewards."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from ray_crm.models.loading import export_model
+
+    cfg = load_config(None, [f"model.name={tiny_bert_dir}", "model.lora.rank=4", f"model.lora.enabled={str(lora).lower()}"])
+    tok = load_tokenizer(cfg.model)
+    model = load_reward_model(cfg.model, tok.pad_token_id).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # a "trained" head and adapter (or model): not the initial values
+                p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "weights")
+    merged = export_model(cfg.model, tmp_path / "weights", tmp_path / "export", {}, reward_scale=2.5)
+    enc = tok(["the movie", "a day"], ["great fun", "long and dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = score(model, enc)[0]
+        exported = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+        torch.testing.assert_close(score(exported, enc)[0], 2.5 * trained, atol=1e-5, rtol=1e-5)
+        if lora:
+            base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=1)
+            adapter = PeftModel.from_pretrained(base, tmp_path / "export" / "adapter").eval()
+            torch.testing.assert_close(score(adapter, enc)[0], 2.5 * trained, atol=1e-5, rtol=1e-5)
