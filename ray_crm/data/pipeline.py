@@ -333,6 +333,19 @@ def load_manifest(stage_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def check_prepared_for(cfg: Config, manifest: dict[str, Any], stage_dir: str | Path) -> None:
+    """Refuse prepared data whose bins or tokenizer differ from what `cfg` sets: the trainer reads the bins
+    fitted at prepare time, so `data.spurious.0.bins=3` on prepared 10-bin data would silently train on 10."""
+    made = manifest.get("data_config") or {}
+    want = cfg.data.model_dump(mode="json")
+    differ = [f"data.{key}" for key in ("spurious", "binning") if key in made and made[key] != want[key]]
+    if (manifest.get("tokenizer") or {}).get("name", cfg.model.name) != cfg.model.name:
+        differ.append("model.name")
+    if differ:
+        raise ValueError(f"{stage_dir} was prepared with other {', '.join(differ)} than this config sets: run "
+                         "`ray-crm prepare` with this config (or set data.output_dir to a folder of its own)")
+
+
 def _split_dir(stage_dir: str | Path, split: str) -> Path:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")

@@ -391,7 +391,7 @@ def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callback
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ray_crm.data.pipeline import load_manifest, read_prepared
+    from ray_crm.data.pipeline import check_prepared_for, load_manifest, read_prepared
     from ray_crm.models.loading import export_model
 
     init_ray(cfg.ray)
@@ -400,6 +400,7 @@ def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callback
         cfg.data.twins = str(Path(cfg.data.twins).resolve())
     data_dir = cfg.prepared_dir()
     manifest = load_manifest(data_dir)
+    check_prepared_for(cfg, manifest, data_dir)
     if cfg.loss.trains_policy and (manifest.get("tokenizer") or {}).get("mode") != "chat":
         raise ValueError(f"loss.type={cfg.loss.type} learns from each response's tokens, which {data_dir} does not "
                          "mark: prepare it with a chat-template tokenizer (a decoder model.name, data.template=chat)")

@@ -98,3 +98,18 @@ def test_an_export_with_a_reward_scale_scores_that_many_times_the_trained_model(
             base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=1)
             adapter = PeftModel.from_pretrained(base, tmp_path / "export" / "adapter").eval()
             torch.testing.assert_close(score(adapter, enc)[0], 2.5 * trained, atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_data_with_other_bins_or_tokenizer_is_refused_naming_the_field(tmp_path):
+    from ray_crm.data.pipeline import check_prepared_for
+
+    spurious = ["data.spurious=[{name: length, kind: length, bins: 10}]"]
+    made = load_config(None, spurious)
+    manifest = {"data_config": made.data.model_dump(mode="json"), "tokenizer": {"name": made.model.name}}
+    check_prepared_for(made, manifest, tmp_path)  # the same settings: accepted
+    check_prepared_for(load_config(None, [*spurious, "train.lr=1e-3", "data.twins=x.parquet"]), manifest, tmp_path)
+    with pytest.raises(ValueError, match=r"prepared with other data\.spurious than"):
+        check_prepared_for(load_config(None, [*spurious, "data.spurious.0.bins=3"]), manifest, tmp_path)
+    with pytest.raises(ValueError, match=r"data\.binning, model\.name"):
+        check_prepared_for(load_config(None, [*spurious, "data.binning.min_count=5", "model.name=smollm2"]),
+                           manifest, tmp_path)
