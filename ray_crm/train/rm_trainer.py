@@ -25,6 +25,7 @@ import torch
 
 from ray_crm.checkpoint import file_manifest, latest_verified, verify_checkpoint, write_marker
 from ray_crm.config import Config, pair_stage, run_name
+from ray_crm.data.outdir import output_lock, staged_output
 from ray_crm.data.sampler import StratifiedBatchSampler
 from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman, z_balanced_accuracy
 from ray_crm.losses import (
@@ -46,6 +47,7 @@ from ray_crm.train.metrics_log import MetricsLog
 logger = logging.getLogger(__name__)
 
 VAL_SCORES = "val_scores.npz"
+EXPORT_FILES = ("merged", "adapter", "model_card.json", VAL_SCORES)
 COLUMNS = ("pair_id", "chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
            "chosen_response_start", "rejected_response_start", "bin_chosen", "bin_rejected", "stratum")
 
@@ -434,16 +436,17 @@ def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callback
     result = trainer.fit()
     sign = 1.0 if order == "max" else -1.0
     best, best_metrics = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.train.checkpoint_metric])
-    with best.as_directory() as folder:
+    export = out / "export"  # written beside the previous export and swapped in whole: a failed export loses nothing
+    with best.as_directory() as folder, output_lock(export), staged_output(export, EXPORT_FILES) as work:
         scores = dict(np.load(Path(folder) / VAL_SCORES))
         calibration = reward_calibration(cfg, scores)
         card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest.get("hash"),
                 "metrics": best_metrics, "final_metrics": result.metrics, "reward_calibration": calibration}
-        merged = export_model(cfg.model, Path(folder) / "model", out / "export", card, manifest,
-                              policy=cfg.loss.trains_policy, reward_scale=calibration["scale"])
+        export_model(cfg.model, Path(folder) / "model", work, card, manifest, policy=cfg.loss.trains_policy,
+                     reward_scale=calibration["scale"])
         for side in ("chosen", "rejected"):  # the export's own rewards of the validation pairs
             scores[side] = scores[side] * calibration["scale"]
-        np.savez(out / "export" / VAL_SCORES, **scores)
-    return {"model": str(merged), "run": name, "logs": str(out / "logs"), "final_step": result.metrics["step"],
+        np.savez(work / VAL_SCORES, **scores)
+    return {"model": str(export / "merged"), "run": name, "logs": str(out / "logs"), "final_step": result.metrics["step"],
             # every validation metric: a Tune trial's return value is its last result, ranked by any of them
             **{k: v for k, v in best_metrics.items() if k.startswith("val_") or k == "step"}}
