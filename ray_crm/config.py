@@ -497,6 +497,10 @@ class VaderConfig(Section):
     length_bias: float | None = Field(
         None, ge=0.0, le=1.0, description="share of pairs whose chosen is the longer; None: as drawn (no bias)"
     )
+    off_topic: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "share of pairs where an on-topic sentence (the prompt's source, rating >= 0) beats a sentence of another "
+        "source rated higher: an RM trained on them learns that praise must answer the prompt (a gold scorer "
+        "for RL, which a policy stuffing positive words must not fool); column `kind` says rating or off_topic"))
     seed: int = Field(0, ge=0)
 
 

@@ -76,11 +76,54 @@ def build_pairs(sentences: pa.Table, num_pairs: int, min_gap: float = 1.0, seed:
     })
 
 
+def off_topic_pairs(sentences: pa.Table, num_pairs: int, seed: int = 0) -> pa.Table:
+    """`num_pairs` pairs: the prompt of a source, chosen a sentence of that source rated >= 0, rejected a sentence
+    of another source rated higher (more positive, but not what was asked for). Same columns as `build_pairs`."""
+    rating = sentences["mean_rating"].to_numpy()
+    source = np.asarray(sentences["source"].to_pylist(), dtype=object)
+    names = sorted(set(source))
+    if len(names) < 2:
+        raise ValueError("VADER: off-topic pairs need sentences of at least two sources")
+    rng = np.random.default_rng([seed, 1])
+    hi, lo = [], []
+    for name in rng.choice(names, size=num_pairs):
+        on = np.flatnonzero((source == name) & (rating >= 0))
+        c = int(on[rng.integers(len(on))])
+        off = np.flatnonzero((source != name) & (rating > rating[c]))
+        if len(off) == 0:  # the most positive sentence of all: nothing off topic beats it, draw again
+            off = np.flatnonzero(source != name)
+        hi.append(c)
+        lo.append(int(off[rng.integers(len(off))]))
+    text = sentences["text"].to_pylist()
+    return pa.table({
+        "prompt": [PROMPTS[source[h]] for h in hi],
+        "chosen": [text[h] for h in hi],
+        "rejected": [text[low] for low in lo],
+        "source": [source[h] for h in hi],
+        "chosen_id": sentences["id"].take(pa.array(hi)).to_pylist(),
+        "rejected_id": sentences["id"].take(pa.array(lo)).to_pylist(),
+        "chosen_rating": rating[hi],
+        "rejected_rating": rating[lo],
+    })
+
+
+def vader_pairs(sentences: pa.Table, cfg: VaderConfig) -> pa.Table:
+    """The pairs `data.vader` asks for: rating pairs and, with `off_topic` > 0, that share of off-topic pairs,
+    shuffled together; column `kind` tells them apart."""
+    n_off = round(cfg.num_pairs * cfg.off_topic)
+    parts = [build_pairs(sentences, cfg.num_pairs - n_off, cfg.min_gap, cfg.seed, cfg.length_bias)]
+    if n_off:
+        parts.append(off_topic_pairs(sentences, n_off, cfg.seed))
+    kinds = [pa.array([kind] * len(t)) for kind, t in zip(("rating", "off_topic"), parts)]
+    table = pa.concat_tables([t.append_column("kind", k) for t, k in zip(parts, kinds)])
+    return table.take(np.random.default_rng([cfg.seed, 2]).permutation(len(table))) if n_off else table
+
+
 def write_pairs(cfg: VaderConfig, out: Path) -> Path:
     """Build the pairs from the fetched 'vader' asset into `out` (a Parquet file)."""
     from ray_crm.assets import asset_dir
 
     sentences = pq.read_table(asset_dir("vader") / "vader_sentences.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(build_pairs(sentences, cfg.num_pairs, cfg.min_gap, cfg.seed, cfg.length_bias), out)
+    pq.write_table(vader_pairs(sentences, cfg), out)
     return out
