@@ -35,7 +35,8 @@ def _stage(console: StageConsole, results: dict[str, Any], key: str, stage: str,
 
 def run_demo(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     """The main job. The console shows one line per stage and the closing tables; every stage's own output goes
-    to `<output_dir>/demo/demo.log` (`verbose`: to the console as well as it comes)."""
+    to `demo.log` in the demo's stage folder (`outputs/demo/demo/` for configs/demo.yaml), or with `verbose` to
+    the console instead."""
     if cfg.loss.type != "crm" or len(cfg.bench.names) != 1:
         raise ConfigError("the demo compares a vanilla RM with the config's causal RM on one benchmark: "
                           "set loss.type=crm and a single bench.names entry")
