@@ -172,8 +172,8 @@ class PolicyLearner:
 
     def step(self, batch: PolicyBatch) -> dict[str, float | str]:
         """One optimizer step on `batch` (the whole batch: every rank gets it and learns from its shard);
-        returns what it measured (loss, KL, gradient norms, log-prob gap), the same on every rank, and whether
-        it was skipped (`skipped` 0/1, `skip_reason`)."""
+        returns what it measured (loss, KL, gradient norms, log-prob gap), the same on every rank, whether it
+        was skipped (`skipped` 0/1, `skip_reason`), and this rank's own timings of the update (`time/learn_*`)."""
         cfg = self.cfg
         mine = shard(batch, self.rank, self.world)
         micro = pack_sequences(mine.prompt_ids, mine.response_ids, self.pad_id, cfg.micro_batch_size)
