@@ -8,7 +8,7 @@ positive sentence of another source), SmolLM2-135M-Instruct as a sequence classi
 and other data than the proxy RMs, so it shares neither their shortcuts nor the lexicon's blind spot. Prepare and
 train-rm run as the CLI runs them (a finished run is reused); then the export scores the test split, which no
 step saw, and the VADER lexicon scores the same pairs. Reported per kind (rating, off_topic): pairwise accuracy
-with its 95% Wilson interval, for the gold RM and for the lexicon (which prefers the more positive sentence,
+with its 95% Wilson interval (scipy), for the gold RM and for the lexicon (which prefers the more positive sentence,
 whatever was asked).
 """
 
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest
 
 from ray_crm.config import load_config
 from ray_crm.data.pipeline import read_prepared_table
@@ -31,18 +31,10 @@ from ray_crm.stages import run_stage
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a proportion k / n, in percent."""
-    if n == 0:
-        return [math.nan, math.nan]
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)]
-
-
 def accuracy(chosen: np.ndarray, rejected: np.ndarray) -> dict:
     wins = int((chosen > rejected).sum())
-    return {"accuracy": 100 * wins / len(chosen), "ci95": wilson(wins, len(chosen)), "pairs": len(chosen)}
+    ci = binomtest(wins, len(chosen)).proportion_ci(method="wilson")
+    return {"accuracy": 100 * wins / len(chosen), "ci95": [float(100 * ci.low), float(100 * ci.high)], "pairs": len(chosen)}
 
 
 def main() -> None:

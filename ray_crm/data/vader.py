@@ -85,9 +85,10 @@ def off_topic_pairs(sentences: pa.Table, num_pairs: int, seed: int = 0) -> pa.Ta
     if len(names) < 2:
         raise ValueError("VADER: off-topic pairs need sentences of at least two sources")
     rng = np.random.default_rng([seed, 1])
+    on_topic = {name: np.flatnonzero((source == name) & (rating >= 0)) for name in names}
     hi, lo = [], []
     for name in rng.choice(names, size=num_pairs):
-        on = np.flatnonzero((source == name) & (rating >= 0))
+        on = on_topic[name]
         c = int(on[rng.integers(len(on))])
         off = np.flatnonzero((source != name) & (rating > rating[c]))
         if len(off) == 0:  # the most positive sentence of all: nothing off topic beats it, draw again
