@@ -273,10 +273,22 @@ class MonitorConfig(Section):
 BF16_MIN_FD_EPS = 0.03
 
 
-class RLConfig(Section):
-    """GRPO on Ray (Dr.GRPO loss): the policy learner and its regularizer.
+class CriticConfig(Section):
+    """PPO's critic (`rl.advantage=gae`): a value head on its own copy of a backbone, trained on the learner
+    layer beside the policy (same ranks, ZeRO stage, clipping and epochs) on the GAE returns."""
 
-    Sampling (n, max_new_tokens, temperature) is `rollout`'s; the reward and gold scorers are `reward`'s.
+    model: str | None = Field(None, description="an asset alias or HF folder; None: the policy's backbone")
+    lr: float = Field(1e-5, gt=0.0)
+    value_clip: float = Field(0.2, gt=0.0, description="PPO's value clip around the values the rollout was scored with")
+    gamma: float = Field(1.0, gt=0.0, le=1.0, description="GAE discount per token")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
+    lora: PolicyLoraConfig = Field(default_factory=PolicyLoraConfig)
+
+
+class RLConfig(Section):
+    """Policy-gradient RL on Ray: the policy learner, its advantage estimator and its regularizer.
+
+    `advantage`: Dr.GRPO's group baseline, RLOO's leave-one-out baseline, or PPO's GAE from a critic. Sampling (n, max_new_tokens, temperature) is `rollout`'s; the reward and gold scorers are `reward`'s.
     `regularizer`: `gr` (finite-difference gradient-norm penalty, gamma), `kl` (k3 KL to the initial policy,
     beta), `reset` (KL to a reference copied from the policy every `reset_every` steps) or `none`.
     """
@@ -304,9 +316,16 @@ class RLConfig(Section):
     clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip")
     whiten_advantages: bool = Field(True, description="scale advantages by the batch std: causal RMs shrink rewards")
     grad_clip: float = Field(1.0, gt=0.0)
-    advantage: Literal["dr_grpo", "rloo"] = Field(
-        "dr_grpo", description="dr_grpo: reward minus its prompt's mean; rloo: minus the mean of the prompt's other samples"
+    advantage: Literal["dr_grpo", "rloo", "gae"] = Field(
+        "dr_grpo", description="dr_grpo: reward minus its prompt's mean; rloo: minus the mean of the prompt's other "
+        "samples; gae: PPO, per-token GAE from a critic (rl.critic) trained beside the policy"
     )
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch (PPO's epochs; the ratio leaves 1 after the first update)")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass, each on every minibatches-th sequence")
+    critic: CriticConfig = Field(default_factory=lambda: CriticConfig())
+    whiten_rewards: bool = Field(True, description="gae: divide the batch's rewards by their std before GAE")
+    kl_in_reward: float = Field(0.0, ge=0.0, description="gae: weight of the per-token KL (k1) to the reference "
+                                "subtracted from the reward, as PPO-RLHF does; the reference is the initial policy")
     regularizer: Literal["none", "kl", "reset", "gr"] = "gr"
     gr_gamma: float = Field(1e-2, ge=0.0, description="gr: strength of the gradient-norm penalty")
     gr_fd_eps: float = Field(1e-3, gt=0.0, description="gr: finite-difference step (not the PPO clip)")
@@ -327,8 +346,14 @@ class RLConfig(Section):
     def _regularizer_reads_its_settings(self) -> RLConfig:
         readers = {"gr_gamma": ("gr",), "gr_fd_eps": ("gr",), "gr_g_clip": ("gr",), "gr_clip": ("gr",),
                    "kl_beta": ("kl", "reset"), "reset_every": ("reset",)}
-        _reject_unused(self, {key: f"only rl.regularizer={' or '.join(users)} reads it, not {self.regularizer}"
-                              for key, users in readers.items() if self.regularizer not in users})
+        unused = {key: f"only rl.regularizer={' or '.join(users)} reads it, not {self.regularizer}"
+                  for key, users in readers.items() if self.regularizer not in users}
+        if self.advantage != "gae":
+            critic = [f"critic.{k}" for k in CriticConfig.model_fields if k != "lora"]
+            critic += [f"critic.lora.{k}" for k in PolicyLoraConfig.model_fields]
+            unused.update(dict.fromkeys((*critic, "whiten_rewards", "kl_in_reward"),
+                                        f"only rl.advantage=gae (PPO) reads it, not {self.advantage}"))
+        _reject_unused(self, unused)
         if self.regularizer == "gr" and self.precision == "bf16" and self.gr_fd_eps < BF16_MIN_FD_EPS:
             error = PydanticCustomError(
                 "bf16_gr", "under rl.precision=bf16 the gradient's rounding noise swamps GR's finite difference at "

@@ -72,6 +72,22 @@ def load_policy_model(path: str | Path, lora: LoraConfig, pad_token_id: int, pre
     return with_lora(model, lora)
 
 
+def load_value_model(path: str | Path, lora: LoraConfig, pad_token_id: int):
+    """PPO's critic: the backbone with a one-output token head (a value per position), the head zeroed so every
+    value starts at 0 and trained in full beside the LoRA adapter (TOKEN_CLS's modules_to_save)."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(path, num_labels=1)
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    _, head = reward_head(model)
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+    return with_lora(model, lora, "TOKEN_CLS")
+
+
 def score(model, batch: dict[str, Tensor], with_representation: bool = False) -> tuple[Tensor, Tensor | None]:
     """Rewards [N] and, if asked, the pooled last-layer representation [N, H] that feeds the head."""
     out = model(**batch, output_hidden_states=with_representation)
@@ -116,7 +132,7 @@ DATA_MANIFEST = "data_manifest.json"
 
 
 def reward_head(model) -> tuple[str, torch.nn.Linear]:
-    """The Linear layer that outputs a sequence-classification model's scalar reward, and its module name:
+    """The Linear layer that outputs a classification model's scalar (reward or value), and its module name:
     `score` (Llama, Qwen, GPT-2), `classifier` (BERT, MiniLM) or `classifier.out_proj` (RoBERTa, DeBERTa-v2)."""
     for name in ("score", "classifier", "classifier.out_proj"):
         try:

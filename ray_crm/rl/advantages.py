@@ -2,6 +2,8 @@
 
 - `rloo_advantages`: each sample's reward minus the mean of the other samples of its prompt (REINFORCE
   leave-one-out); unbiased, unlike the group mean that includes the sample itself.
+- `token_rewards`: PPO-RLHF's per-token reward: the sequence's score on its last response token, minus a
+  per-token KL to the reference;
 - `gae`: generalized advantage estimation over the tokens of each response from per-token rewards and a
   critic's values, and the returns the critic regresses on (advantages + values).
 """
@@ -32,6 +34,21 @@ def whitened(advantages: Tensor, valid: Tensor) -> Tensor:
     if valid.sum() <= 1:
         return advantages
     return advantages / (advantages[valid].std() + 1e-8)
+
+
+def token_rewards(scores: Tensor, mask: Tensor, logp: Tensor | None = None, ref_logp: Tensor | None = None,
+                  kl_coef: float = 0.0) -> Tensor:
+    """Rewards [B, T]: each row's score [B] on its last `mask`ed token, minus kl_coef * (logp - ref_logp) (k1)
+    on every masked token. A row without response tokens gets nothing."""
+    mask = mask.to(scores.dtype)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, -1).max(dim=1).values
+    rewards = torch.zeros_like(mask)
+    rows = (last >= 0).nonzero().squeeze(-1)
+    rewards[rows, last[rows]] = scores[rows]
+    if kl_coef and logp is not None and ref_logp is not None:
+        rewards = rewards - kl_coef * (logp - ref_logp) * mask
+    return rewards
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:

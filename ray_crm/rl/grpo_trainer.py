@@ -1,10 +1,11 @@
-"""`ray-crm train-rl`: GRPO with gradient regularization (or the KL / reference-reset baselines) on Ray.
+"""`ray-crm train-rl`: GRPO, RLOO or PPO with gradient regularization (or the KL / reference-reset baselines) on Ray.
 
 Each step: the vLLM rollout pool samples `rollout.n_samples` completions for `rl.prompts_per_step` prompts,
 the reward pool scores them with the trained RM (and the gold scorers, which only measure hacking), the
-learner (`LearnerGroup`: `rl.num_workers` DeepSpeed ranks, data-parallel over the batch) takes one optimizer
-step on Dr.GRPO advantages, and rank 0's new weights reach every engine before the next step (a partial
-sync of the merged LoRA targets, or the full state dict).
+learner (`LearnerGroup`: `rl.num_workers` DeepSpeed ranks, data-parallel over the batch) takes `rl.epochs` x
+`rl.minibatches` optimizer steps on Dr.GRPO or RLOO advantages (PPO, `rl.advantage=gae`: on its critic's GAE
+advantages from the rewards, the critic stepping beside it), and rank 0's new weights reach every engine before
+the next step (a partial sync of the merged LoRA targets, or the full state dict).
 
 Non-finite values never reach the engines or a checkpoint: samples that a scorer gave a NaN or infinite score
 are left out of the step (`dropped_rows`, `nonfinite/<score>`), and a step whose loss or gradient is not finite
@@ -45,7 +46,7 @@ import yaml
 
 from ray_crm.assets import resolve_model
 from ray_crm.checkpoint import latest_verified, write_checkpoint
-from ray_crm.config import Config, ConfigError, MonitorConfig, dump_config
+from ray_crm.config import Config, ConfigError, MonitorConfig, RLConfig, dump_config
 from ray_crm.rl.advantages import rloo_advantages
 from ray_crm.rl.learner_group import LearnerGroup
 from ray_crm.rl.monitor import Alarm, TrainingZ, alarms
@@ -81,8 +82,9 @@ def output_dir(cfg: Config) -> Path:
 
 def check(cfg: Config) -> None:
     """Settings GRPO cannot learn from, refused before any actor starts."""
-    if cfg.rollout.n_samples < 2:
-        raise ConfigError("rollout.n_samples must be >= 2: GRPO's baseline is the mean of a prompt's samples")
+    if cfg.rollout.n_samples < 2 and cfg.rl.advantage != "gae":
+        raise ConfigError(f"rollout.n_samples must be >= 2: rl.advantage={cfg.rl.advantage}'s baseline is the mean "
+                          "of a prompt's (other) samples; PPO's (gae) is its critic")
     if cfg.rollout.temperature <= 0:
         raise ConfigError("rollout.temperature must be > 0: greedy samples of a prompt are all the same")
     if cfg.reward.model is None:
@@ -195,9 +197,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
             scores = rewards.score([r.prompt for r, _ in flat], [c.text for _, c in flat])
             t2 = time.perf_counter()
             valid, nonfinite = finite_rows(scores)
-            reward = torch.tensor(scores[REWARD_KEY]).view(len(rollouts), -1)
-            estimate = rloo_advantages if rl.advantage == "rloo" else group_advantages
-            advantages = estimate(reward, rl.whiten_advantages, valid.view_as(reward)).flatten().tolist()
+            advantages, rewards = _advantages(torch.tensor(scores[REWARD_KEY]), valid, len(rollouts), rl)
             keep = valid.nonzero().flatten().tolist()
             if len(keep) < len(flat):
                 logger.warning("rl step %d: %d of %d samples left out, scored non-finite (%s)", step + 1,
@@ -205,9 +205,11 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
             if keep:
                 batch = PolicyBatch(
                     prompt_ids=[flat[i][0].prompt_token_ids for i in keep],
-                    response_ids=[flat[i][1].token_ids for i in keep], advantages=[advantages[i] for i in keep],
+                    response_ids=[flat[i][1].token_ids for i in keep],
+                    advantages=[advantages[i] for i in keep] if advantages else [],
                     engine_logprobs=[flat[i][1].logprobs for i in keep],
                     temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                    rewards=[rewards[i] for i in keep] if rewards else None,
                 )
                 stats = learner.step(batch, during=f"rl step {step + 1}")
             else:
@@ -254,6 +256,19 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                "resumed_from_step": start if resumed is not None else None, "stopped_by_alarm": stopped, "last": row}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _advantages(reward: torch.Tensor, valid: torch.Tensor, prompts: int, rl: RLConfig) -> tuple[list[float], list[float]]:
+    """Per-sample advantages from the scores (Dr.GRPO's or RLOO's baseline over each prompt's samples), or, for
+    PPO (`gae`), no advantages and the rewards its critic turns into them (divided by the valid rewards' std
+    with `rl.whiten_rewards`: a causal RM's small scale then does not shrink them against the KL)."""
+    if rl.advantage == "gae":
+        if rl.whiten_rewards and int(valid.sum()) > 1:
+            reward = reward / (reward[valid].std() + 1e-8)
+        return [], torch.where(valid, reward, 0.0).tolist()
+    estimate = rloo_advantages if rl.advantage == "rloo" else group_advantages
+    grouped = reward.view(prompts, -1)
+    return estimate(grouped, rl.whiten_advantages, valid.view_as(grouped)).flatten().tolist(), []
 
 
 def _watch(monitor: TrainingZ | None, history: list[dict[str, float]], step: int, row: dict[str, Any],

@@ -4,6 +4,8 @@
   baseline over the valid samples of each prompt;
 - `clipped_policy_loss`: PPO's clipped surrogate, summed over tokens and divided by a constant (Dr.GRPO), so
   long and short responses weigh by their tokens, not by 1 / length;
+- `clipped_value_loss`: PPO's critic loss, the squared error to the returns with the value clipped around the
+  rollout's values (the larger of the two errors);
 - `kl_to_reference`: the k3 estimator of KL(policy || reference) per token, for the KL and reference-reset
   baselines;
 - `gradient_regularized_grads`: the finite-difference gradient-norm penalty (GR): the gradient of
@@ -59,6 +61,18 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask
     loss = -(surrogate * mask).sum() / (norm if norm is not None else mask.sum().clamp(min=1))
     clipped = ((ratio - 1).abs() > clip_eps).to(logp.dtype)
     return loss, {"policy/clip_fraction": float((clipped * mask).sum() / mask.sum().clamp(min=1))}
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float,
+                       norm: float) -> tuple[Tensor, dict[str, float]]:
+    """0.5 * max((v - R)^2, (v_clipped - R)^2) summed over the `mask`ed tokens [B, T] and divided by `norm`;
+    v_clipped stays within `clip` of the values the advantages were computed with, so one batch cannot move the
+    critic far (PPO's value clipping)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    plain, capped = (values - returns) ** 2, (clipped - returns) ** 2
+    mask = mask.to(values.dtype)
+    loss = 0.5 * (torch.maximum(plain, capped) * mask).sum() / norm
+    return loss, {"critic/clip_fraction": float(((capped > plain).to(values.dtype) * mask).sum() / mask.sum().clamp(min=1))}
 
 
 def kl_to_reference(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:

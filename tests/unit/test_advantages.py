@@ -1,10 +1,12 @@
-"""RLOO and GAE against hand-computed references."""
+"""RLOO, GAE, PPO's per-token rewards and value loss against hand-computed references."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ray_crm.rl.advantages import gae, rloo_advantages
+from ray_crm.rl.advantages import gae, rloo_advantages, token_rewards
+from ray_crm.rl.policy_losses import clipped_value_loss
 
 
 def test_rloo_subtracts_the_mean_of_the_other_samples_and_zeroes_invalid_rows():
@@ -58,3 +60,25 @@ def test_whitened_rloo_has_unit_std_over_valid_rows():
     adv = rloo_advantages(rewards, whiten=True)
     valid = torch.isfinite(rewards)
     assert torch.isclose(adv[valid].std(), torch.tensor(1.0)) and adv[1, 1] == 0
+
+
+def test_token_rewards_put_the_score_on_the_last_response_token_and_charge_k1_kl_on_every_one():
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    scores = torch.tensor([2.0, -1.0, 5.0])
+    assert token_rewards(scores, mask).tolist() == [[0, 0, 0, 2, 0], [0, -1, 0, 0, 0], [0] * 5]
+    logp, ref = torch.full((3, 5), -1.0), torch.full((3, 5), -1.5)  # k1 = logp - ref = 0.5 per token
+    charged = token_rewards(scores, mask, logp, ref, kl_coef=0.2)
+    assert torch.allclose(charged[0], torch.tensor([0, -0.1, -0.1, 1.9, 0]))
+    assert torch.equal(charged[2], torch.zeros(5))  # no response token, no reward and no charge
+
+
+def test_the_value_loss_takes_the_larger_of_the_plain_and_the_clipped_error():
+    old, ret, mask = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    # token 0 moved 0.5 towards the return (clipped to 0.2: the clipped error 0.64 is larger than 0.25);
+    # token 1 moved 0.1 (within the clip: both errors 0.81)
+    loss, info = clipped_value_loss(torch.tensor([[0.5, 0.1]]), old, ret, mask, clip=0.2, norm=2.0)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert info["critic/clip_fraction"] == 0.5
+    # moving away from the return is not clipped in the loss's favour: the plain error is the larger
+    loss, _ = clipped_value_loss(torch.tensor([[-0.5, 0.0]]), old, ret, mask, clip=0.2, norm=1.0)
+    assert loss.item() == pytest.approx(0.5 * (2.25 + 1.0))
