@@ -323,7 +323,7 @@ class RLConfig(Section):
     epochs: int = Field(1, ge=1, description="passes over each rollout batch (PPO's epochs; the ratio leaves 1 after the first update)")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass, each on every minibatches-th sequence")
     critic: CriticConfig = Field(default_factory=lambda: CriticConfig())
-    whiten_rewards: bool = Field(True, description="gae: divide the batch's rewards by their std before GAE")
+    whiten_rewards: bool = Field(True, description="gae: centre the batch's rewards and divide by their std before GAE")
     kl_in_reward: float = Field(0.0, ge=0.0, description="gae: weight of the per-token KL (k1) to the reference "
                                 "subtracted from the reward, as PPO-RLHF does; the reference is the initial policy")
     regularizer: Literal["none", "kl", "reset", "gr"] = "gr"

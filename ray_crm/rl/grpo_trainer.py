@@ -197,7 +197,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
             scores = rewards.score([r.prompt for r, _ in flat], [c.text for _, c in flat])
             t2 = time.perf_counter()
             valid, nonfinite = finite_rows(scores)
-            advantages, rewards = _advantages(torch.tensor(scores[REWARD_KEY]), valid, len(rollouts), rl)
+            advantages, ppo_rewards = _advantages(torch.tensor(scores[REWARD_KEY]), valid, len(rollouts), rl)
             keep = valid.nonzero().flatten().tolist()
             if len(keep) < len(flat):
                 logger.warning("rl step %d: %d of %d samples left out, scored non-finite (%s)", step + 1,
@@ -209,7 +209,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                     advantages=[advantages[i] for i in keep] if advantages else [],
                     engine_logprobs=[flat[i][1].logprobs for i in keep],
                     temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                    rewards=[rewards[i] for i in keep] if rewards else None,
+                    rewards=[ppo_rewards[i] for i in keep] if ppo_rewards else None,
                 )
                 stats = learner.step(batch, during=f"rl step {step + 1}")
             else:
@@ -260,11 +260,12 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
 
 def _advantages(reward: torch.Tensor, valid: torch.Tensor, prompts: int, rl: RLConfig) -> tuple[list[float], list[float]]:
     """Per-sample advantages from the scores (Dr.GRPO's or RLOO's baseline over each prompt's samples), or, for
-    PPO (`gae`), no advantages and the rewards its critic turns into them (divided by the valid rewards' std
-    with `rl.whiten_rewards`: a causal RM's small scale then does not shrink them against the KL)."""
+    PPO (`gae`), no advantages and the rewards its critic turns into them (with `rl.whiten_rewards`, centred
+    and divided by the valid rewards' std: a causal RM's small scale then does not shrink them against the KL,
+    and an RM's offset does not become returns the critic must first learn)."""
     if rl.advantage == "gae":
         if rl.whiten_rewards and int(valid.sum()) > 1:
-            reward = reward / (reward[valid].std() + 1e-8)
+            reward = (reward - reward[valid].mean()) / (reward[valid].std() + 1e-8)
         return [], torch.where(valid, reward, 0.0).tolist()
     estimate = rloo_advantages if rl.advantage == "rloo" else group_advantages
     grouped = reward.view(prompts, -1)

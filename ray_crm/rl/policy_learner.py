@@ -181,17 +181,21 @@ class PolicyLearner(DeepSpeedLearner):
             raise ValueError("rl.advantage=gae: the batch must carry the rewards its critic turns into advantages")
         if self.critic is None and len(batch.advantages) != len(batch.prompt_ids):
             raise ValueError(f"the batch has {len(batch.prompt_ids)} sequences and {len(batch.advantages)} advantages")
-        parts, gap = self._minibatches(batch)
+        timings = dict.fromkeys(("time/learn_grad_s", "time/learn_regularizer_s", "time/learn_step_s"), 0.0)
+        if self.critic is not None:
+            timings["time/learn_critic_s"] = 0.0  # the critic's values and its updates: PPO's cost over GRPO
+        parts, gap = self._minibatches(batch, timings)
         tokens = float(sum(map(len, batch.response_ids)))
         stats: dict[str, float] = {"policy/engine_logprob_gap": gap / max(tokens, 1.0), "policy/response_tokens": tokens}
         sums: dict[str, list[float]] = defaultdict(list)
-        timings = dict.fromkeys(("time/learn_grad_s", "time/learn_regularizer_s", "time/learn_step_s"), 0.0)
         updates, reason = 0, ""
         for _ in range(cfg.epochs):
             for part in parts:
                 update, reason = self._update(part, batch.temperature, timings)
                 if not reason and self.critic is not None:
+                    t0 = time.perf_counter()
                     update.update(self.critic.update(part.micro, part.values, part.returns, part.tokens))
+                    timings["time/learn_critic_s"] += time.perf_counter() - t0
                 for key, value in update.items():  # a skipped update's too: the log shows what was not finite
                     sums[key].append(value)
                 if reason:
@@ -208,7 +212,7 @@ class PolicyLearner(DeepSpeedLearner):
         return {**stats, **timings, "policy/updates": float(updates), "skipped": float(updates == 0),
                 "skip_reason": reason}
 
-    def _minibatches(self, batch: PolicyBatch) -> tuple[list[Minibatch], float]:
+    def _minibatches(self, batch: PolicyBatch, timings: dict[str, float]) -> tuple[list[Minibatch], float]:
         """This rank's micro-batches of each minibatch with their old and reference log-probs and advantages
         (GAE's from the critic), and the engine/learner log-prob gap summed over every rank's tokens."""
         cfg, parts, gap = self.cfg, [], 0.0
@@ -223,7 +227,9 @@ class PolicyLearner(DeepSpeedLearner):
                 if self.reference is not None:
                     part.ref = [self._logprobs(mb, batch.temperature, self.reference) for mb in part.micro]
                 if self.critic is not None:
+                    t0 = time.perf_counter()
                     part.values = [self.critic.values(mb) for mb in part.micro]
+                    timings["time/learn_critic_s"] += time.perf_counter() - t0
             for o, mb in zip(part.old, part.micro, strict=True):
                 engine = _ragged(mine.engine_logprobs[mb.rows], mb.response_mask)
                 gap += float(((o - engine).abs() * mb.response_mask).sum())

@@ -36,7 +36,7 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
-def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_resumes(
+def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_refuses_other_settings(
         ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir):
     from transformers import AutoModelForCausalLM
 
@@ -68,22 +68,46 @@ def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_resume
         trained = AutoModelForCausalLM.from_pretrained(summary["policy"])(input_ids=ids).logits
     assert (start - trained).abs().max() > 1e-3
 
-    # the same command with more steps resumes from the last checkpoint instead of starting over
-    again = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=4))
-    assert again["resumed_from_step"] == 3
-    rows = _rows(out / "rl.csv")
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert int(float(rows[-1]["policy_version"])) == 3 and float(rows[-1]["policy/engine_logprob_gap"]) < 1e-3
-    # a finished run asked again starts nothing and reports what it has
-    finished = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=4))
-    assert finished["resumed_from_step"] == 4 and finished["policy"] == again["policy"]
-    assert len(_rows(out / "rl.csv")) == 4
-    # ... but not under other learning settings: that would be another experiment in the same folder
+    # a finished run asked again starts nothing and reports what it has (resuming with more steps: the PPO and
+    # RLOO test below)
+    finished = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=3))
+    assert finished["resumed_from_step"] == 3 and finished["policy"] == summary["policy"]
+    assert len(_rows(out / "rl.csv")) == 3
+    # ... and a rerun under other learning settings is refused: that would be another experiment in the same folder
     data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=5).model_dump(mode="json")
     data["rl"]["lr"], data["rollout"]["temperature"] = 1e-3, 0.9
     with pytest.raises(ConfigError, match=r"rl\.lr, rollout\.temperature differ.*another `name` or `rl\.output_dir`"):
         run_train_rl(validate(data))
-    assert len(_rows(out / "rl.csv")) == 4
+    assert len(_rows(out / "rl.csv")) == 3
+
+
+@pytest.mark.parametrize("advantage", ["gae", "rloo"])
+def test_ppo_and_rloo_train_on_two_zero2_ranks_and_resume_at_the_saved_step(
+        ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir, advantage):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i love this film"]))
+
+    def config(steps):
+        data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps).model_dump(mode="json")
+        data["rl"].update({"advantage": advantage, "num_workers": 2, "zero_stage": 2, "epochs": 2, "minibatches": 2})
+        if advantage == "gae":
+            data["rl"].update({"kl_in_reward": 0.05, "critic": {"lr": 1e-2, "lora": {"rank": 4, "alpha": 8}}})
+        return validate(data)
+
+    run_train_rl(config(2))
+    out = tmp_path / "out" / "rl" / "train-rl"
+    again = run_train_rl(config(3))
+    assert again["resumed_from_step"] == 2
+    rows = _rows(out / "rl.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert [int(float(r["policy_version"])) for r in rows] == [0, 1, 2]
+    # the engines serve the learner's weights after every step, the resumed one included
+    assert all(float(r["policy/engine_logprob_gap"]) < 1e-3 for r in rows)
+    assert all((float(r["skipped"]), float(r["policy/updates"])) == (0.0, 4.0) for r in rows)  # 2 epochs x 2
+    if advantage == "gae":
+        assert all(float(r["critic/loss"]) > 0 and r["policy/kl_to_reference"] != "" for r in rows)
+    else:
+        assert "critic/loss" not in rows[0]
 
 
 def test_a_tune_sweep_of_gr_gamma_runs_rl_trials_and_picks_one(ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir):
