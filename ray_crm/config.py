@@ -266,6 +266,9 @@ class MonitorConfig(Section):
     z_tv_max: float = Field(0.5, gt=0.0, le=1.0, description="alarm when a Z's bin histogram moves this far (total "
                             "variation) from the reward model's training data")
     kl_max: float | None = Field(None, gt=0.0, description="alarm when the KL to the initial policy passes this; None: off")
+    kl_to_initial: bool = Field(True, description="measure the k3 KL of the rollouts' policy to the initial one every "
+                                "step, whatever the regularizer (one more forward per batch; with LoRA the snapshot "
+                                "is the adapters' size, without it a second copy of the policy)")
     stop: bool = Field(False, description="on an alarm, checkpoint and stop the run (otherwise log it and go on)")
 
 

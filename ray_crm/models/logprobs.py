@@ -19,6 +19,12 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) 
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(logits / T) at each position that predicts a next token: [B, L - 1], fp32."""
+    logp = torch.log_softmax(logits[:, :-1].float() / max(temperature, 1e-6), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def response_mask(attention_mask: Tensor, starts: Sequence[int] | Tensor) -> Tensor:
     """[B, L - 1]: 1 where the next token (position t + 1) is a real response token, aligned with
     `token_logprobs`. A response starting at 0 (its prompt cut away) is scored from its second token."""

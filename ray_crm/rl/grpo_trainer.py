@@ -147,8 +147,10 @@ def trial_bundles(cfg: Config) -> list[dict[str, float]]:
 def reported_metric_names(cfg: Config) -> set[str]:
     """The scalar columns of `rl.csv` a sweep may rank trials by (besides the learner's own statistics)."""
     names = {f"{REWARD_KEY}_mean", "reward_std", "response_tokens_mean", "finished_fraction", "policy/loss",
-             "policy/grad_norm", "policy/engine_logprob_gap"}
+             "policy/grad_norm", "policy/engine_logprob_gap", "policy/entropy"}
     names |= {f"{gold_key(g.name)}_mean" for g in cfg.reward.gold}
+    if cfg.rl.monitor.kl_to_initial:
+        names.add("policy/kl_to_initial")
     return names | set(regularizer(cfg.rl.regularizer).metrics)
 
 
@@ -278,9 +280,6 @@ def _watch(monitor: TrainingZ | None, history: list[dict[str, float]], step: int
     return the monitor's alarms on the run so far; each is logged as a warning."""
     if monitor is not None:
         row.update(monitor.measure([p for p, _ in samples], [t for _, t in samples]))
-    reg = regularizer(cfg.rl.regularizer)
-    if reg.uses_reference and not reg.resets_reference and "policy/kl_to_reference" in row:  # to the initial policy
-        row["policy/kl_to_initial"] = row["policy/kl_to_reference"]
     history.append({"step": step, **{k: v for k, v in row.items() if isinstance(v, int | float)}})
     fired = alarms(history, cfg.rl.monitor, f"{REWARD_KEY}_mean", [f"{gold_key(g.name)}_mean" for g in cfg.reward.gold])
     for alarm in fired:

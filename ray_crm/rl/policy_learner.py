@@ -50,7 +50,7 @@ from ray_crm.assets import resolve_model
 from ray_crm.checkpoint import load_tensors, save_tensors
 from ray_crm.config import RLConfig
 from ray_crm.models.loading import load_policy_model, tokenizer_at
-from ray_crm.models.logprobs import token_logprobs
+from ray_crm.models.logprobs import token_entropy, token_logprobs
 from ray_crm.rl.advantages import gae, token_rewards
 from ray_crm.rl.ds_learner import DeepSpeedLearner, join_process_group
 from ray_crm.rl.policy_losses import clipped_policy_loss, kl_to_reference
@@ -61,7 +61,7 @@ from ray_crm.rl.weights import policy_state_dict
 # Transformer blocks (Llama/Qwen `layers.N`, GPT-2 `h.N`, others `blocks.N`): the only tensors GR perturbs.
 BLOCK_PARAM = re.compile(r"\.(layers|h|blocks)\.\d+\.")
 # A checkpoint's files besides the engines' (`DeepSpeedLearner.save_engine`).
-REFERENCE, LEARNER_STATE = "reference.safetensors", "learner.json"
+REFERENCE, INITIAL, LEARNER_STATE = "reference.safetensors", "initial.safetensors", "learner.json"
 # Statistics of each update averaged over the batch's updates (the rest: the first update's, or summed times).
 MEAN_STATS = ("policy/loss", "policy/clip_fraction", "policy/kl_to_reference", "policy/grad_norm", "gr/g1_norm",
               "gr/g2_norm", "critic/loss", "critic/clip_fraction", "critic/skipped")
@@ -160,15 +160,22 @@ class PolicyLearner(DeepSpeedLearner):
         self.perturb = [bool(BLOCK_PARAM.search(n)) for n in self.names]
         uses_reference = self.regularizer.uses_reference or (cfg.advantage == "gae" and cfg.kl_in_reward > 0)
         self.reference = self.snapshot() if uses_reference else None
+        # the monitor's KL to the initial policy: the reference itself when it never resets, else its own snapshot
+        shared = self.reference is not None and not self.regularizer.resets_reference
+        self.initial = (None if not cfg.monitor.kl_to_initial else self.reference if shared else self.snapshot())
         self.critic = (ValueLearner(resolve_model(cfg.critic.model) if cfg.critic.model else model_path, cfg,
                                     self.pad_id, rank, world) if cfg.advantage == "gae" else None)
         self.step_count = 0
 
-    def _logprobs(self, mb: MicroBatch, temperature: float, weights: dict[str, Tensor] | None = None) -> Tensor:
+    def _logprobs(self, mb: MicroBatch, temperature: float, weights: dict[str, Tensor] | None = None,
+                  entropy: list[Tensor] | None = None) -> Tensor:
+        """Per-token log-probs [B, L - 1] (of `weights` swapped in, if given); appends the entropies to `entropy`."""
         device = self.params[0].device
         inputs = {"input_ids": mb.input_ids.to(device), "attention_mask": mb.attention_mask.to(device)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             out = functional_call(self.model, weights, args=(), kwargs=inputs) if weights else self.model(**inputs)
+        if entropy is not None:
+            entropy.append(token_entropy(out.logits, temperature).cpu())
         return token_logprobs(out.logits, inputs["input_ids"], temperature).cpu()
 
     def step(self, batch: PolicyBatch) -> dict[str, float | str]:
@@ -184,9 +191,10 @@ class PolicyLearner(DeepSpeedLearner):
         timings = dict.fromkeys(("time/learn_grad_s", "time/learn_regularizer_s", "time/learn_step_s"), 0.0)
         if self.critic is not None:
             timings["time/learn_critic_s"] = 0.0  # the critic's values and its updates: PPO's cost over GRPO
-        parts, gap = self._minibatches(batch, timings)
+        parts, measured = self._minibatches(batch, timings)
         tokens = float(sum(map(len, batch.response_ids)))
-        stats: dict[str, float] = {"policy/engine_logprob_gap": gap / max(tokens, 1.0), "policy/response_tokens": tokens}
+        stats = {key: value / max(tokens, 1.0) for key, value in measured.items()}
+        stats["policy/response_tokens"] = tokens
         sums: dict[str, list[float]] = defaultdict(list)
         updates, reason = 0, ""
         for _ in range(cfg.epochs):
@@ -212,27 +220,36 @@ class PolicyLearner(DeepSpeedLearner):
         return {**stats, **timings, "policy/updates": float(updates), "skipped": float(updates == 0),
                 "skip_reason": reason}
 
-    def _minibatches(self, batch: PolicyBatch, timings: dict[str, float]) -> tuple[list[Minibatch], float]:
+    def _minibatches(self, batch: PolicyBatch, timings: dict[str, float]) -> tuple[list[Minibatch], dict[str, float]]:
         """This rank's micro-batches of each minibatch with their old and reference log-probs and advantages
-        (GAE's from the critic), and the engine/learner log-prob gap summed over every rank's tokens."""
-        cfg, parts, gap = self.cfg, [], 0.0
+        (GAE's from the critic), and what the rollouts' policy measures, summed over every rank's response
+        tokens: the engine/learner log-prob gap, the entropy and the k3 KL to the initial policy."""
+        cfg, parts = self.cfg, []
+        sums = torch.zeros(3, dtype=torch.float64)  # gap, entropy, KL to the initial policy
         for k in range(cfg.minibatches):
             whole = shard(batch, k, cfg.minibatches)
             mine = shard(whole, self.rank, self.world)
             part = Minibatch(pack_sequences(mine.prompt_ids, mine.response_ids, self.pad_id, cfg.micro_batch_size),
                              norm=float(batch.max_new_tokens * len(whole.prompt_ids)),
                              tokens=float(sum(map(len, whole.response_ids))))
+            entropy: list[Tensor] = []
             with torch.no_grad():
-                part.old = [self._logprobs(mb, batch.temperature) for mb in part.micro]
+                part.old = [self._logprobs(mb, batch.temperature, entropy=entropy) for mb in part.micro]
                 if self.reference is not None:
                     part.ref = [self._logprobs(mb, batch.temperature, self.reference) for mb in part.micro]
+                initial = (part.ref if self.initial is self.reference else
+                           [self._logprobs(mb, batch.temperature, self.initial) for mb in part.micro]
+                           if self.initial is not None else None)
                 if self.critic is not None:
                     t0 = time.perf_counter()
                     part.values = [self.critic.values(mb) for mb in part.micro]
                     timings["time/learn_critic_s"] += time.perf_counter() - t0
-            for o, mb in zip(part.old, part.micro, strict=True):
+            for i, (o, mb) in enumerate(zip(part.old, part.micro, strict=True)):
                 engine = _ragged(mine.engine_logprobs[mb.rows], mb.response_mask)
-                gap += float(((o - engine).abs() * mb.response_mask).sum())
+                sums[0] += float(((o - engine).abs() * mb.response_mask).sum())
+                sums[1] += float((entropy[i] * mb.response_mask).sum())
+                if initial is not None:
+                    sums[2] += float(kl_to_reference(o, initial[i], mb.response_mask) * mb.response_mask.sum())
             if self.critic is None:
                 advantages = torch.tensor(mine.advantages, dtype=torch.float32)
                 part.advantages = [advantages[mb.rows] for mb in part.micro]
@@ -247,8 +264,11 @@ class PolicyLearner(DeepSpeedLearner):
             parts.append(part)
         if self.critic is not None and cfg.whiten_advantages:
             self._whiten_tokens(parts)
-        (gap_sum,) = self.sum_over_ranks([torch.tensor([gap], dtype=torch.float64, device=self.params[0].device)])
-        return parts, float(gap_sum)
+        (sums,) = self.sum_over_ranks([sums.to(self.params[0].device)])
+        measured = {"policy/engine_logprob_gap": float(sums[0]), "policy/entropy": float(sums[1])}
+        if self.initial is not None:
+            measured["policy/kl_to_initial"] = float(sums[2])
+        return parts, measured
 
     def _whiten_tokens(self, parts: list[Minibatch]) -> None:
         """GAE's advantages centred and scaled by the mean and std of every rank's response tokens."""
@@ -331,6 +351,8 @@ class PolicyLearner(DeepSpeedLearner):
         if self.rank == 0:
             if self.reference is not None:
                 save_tensors(folder / REFERENCE, self.reference)
+            if self.initial is not None and self.initial is not self.reference:
+                save_tensors(folder / INITIAL, self.initial)
             (folder / LEARNER_STATE).write_text(json.dumps(
                 {"step": self.step_count, "world": self.world, "zero_stage": self.cfg.zero_stage}))
 
@@ -343,8 +365,14 @@ class PolicyLearner(DeepSpeedLearner):
         self.load_engine(folder)
         if self.critic is not None:
             self.critic.load_engine(folder)
+        device = self.params[0].device
+        shared = self.initial is not None and self.initial is self.reference
         if self.reference is not None:
-            self.reference = {k: v.to(self.params[0].device) for k, v in load_tensors(folder / REFERENCE).items()}
+            self.reference = {k: v.to(device) for k, v in load_tensors(folder / REFERENCE).items()}
+        if shared:
+            self.initial = self.reference
+        elif self.initial is not None and (folder / INITIAL).is_file():  # older checkpoints had none: keep the start
+            self.initial = {k: v.to(device) for k, v in load_tensors(folder / INITIAL).items()}
         self.step_count = state["step"]
 
     def save_policy(self, folder: Path) -> Path:

@@ -84,9 +84,9 @@ def test_train_rl_adds_the_rollouts_z_to_each_row_and_raises_the_alarm_on_a_plan
     monitor, history = TrainingZ.from_manifest(_manifest()), []
     fired = []
     for step in range(1, 5):
-        row = {"reward_mean": 0.1 * step, gold: 1.0 - 0.1 * step, "policy/kl_to_reference": 0.01 * step,
+        row = {"reward_mean": 0.1 * step, gold: 1.0 - 0.1 * step, "policy/kl_to_initial": 0.01 * step,
                "skip_reason": ""}
         fired = _watch(monitor, history, step, row, [("p", "yes you are right " * step)] * 2, cfg)
-        assert row["z/syc_mean"] == 1.0 and row["policy/kl_to_initial"] == pytest.approx(0.01 * step)
+        assert row["z/syc_mean"] == 1.0 and history[-1]["policy/kl_to_initial"] == pytest.approx(0.01 * step)
     assert [a.rule for a in fired] == ["proxy_up_gold_down", "z_drift", "z_drift"] and history[-1]["step"] == 4
     assert "skip_reason" not in history[-1]  # only numbers enter the trend rules

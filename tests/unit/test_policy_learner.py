@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from ray_crm.config import BF16_MIN_FD_EPS, PolicyLoraConfig, RLConfig
-from ray_crm.models.logprobs import token_logprobs
+from ray_crm.models.logprobs import token_entropy, token_logprobs
 from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences, shard
 
 PROMPTS = [[1, 7, 9, 12], [1, 30]]
@@ -247,3 +247,29 @@ def test_gr_under_bf16_autocast_perturbs_fp32_weights_and_tracks_fp32_gr(tiny_ll
     step32 = torch.cat([(p - s).flatten() for p, s in zip(_params(fp32), start)])
     step16 = torch.cat([(p - s).flatten() for p, s in zip(_params(bf16), start)])
     assert torch.nn.functional.cosine_similarity(step32, step16, dim=0) > 0.95
+
+
+def test_token_entropy_is_log_v_for_uniform_logits_and_zero_for_a_certain_token():
+    logits = torch.zeros(1, 3, 7)
+    logits[0, 1, 2] = 1e4
+    entropy = token_entropy(logits)
+    assert entropy[0, 0].item() == pytest.approx(math.log(7)) and entropy[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_kl_to_the_initial_policy_is_measured_under_every_regularizer_and_survives_resets_and_resume(
+        tiny_llama_dir, tmp_path):
+    plain = PolicyLearner(tiny_llama_dir, _cfg())
+    first = plain.step(_batch())
+    assert first["policy/kl_to_initial"] == pytest.approx(0.0, abs=1e-7) and first["policy/entropy"] > 0
+    assert plain.step(_batch())["policy/kl_to_initial"] > 1e-4
+    # under resets the reference is renewed every 2 steps; the initial policy is not
+    reset = PolicyLearner(tiny_llama_dir, _cfg(regularizer="reset", reset_every=2, kl_beta=0.1))
+    rows = [reset.step(_batch()) for _ in range(3)]
+    assert rows[2]["policy/kl_to_reference"] == pytest.approx(0.0, abs=1e-7) and rows[2]["policy/kl_to_initial"] > 1e-4
+    reset.save(tmp_path)
+    again = PolicyLearner(tiny_llama_dir, _cfg(regularizer="reset", reset_every=2, kl_beta=0.1))
+    again.load(tmp_path)
+    assert all(torch.equal(again.initial[k], reset.initial[k]) for k in reset.initial)
+    assert again.step(_batch())["policy/kl_to_initial"] == pytest.approx(reset.step(_batch())["policy/kl_to_initial"])
+    off = PolicyLearner(tiny_llama_dir, _cfg(monitor={"kl_to_initial": False}))
+    assert off.initial is None and "policy/kl_to_initial" not in off.step(_batch())
