@@ -213,6 +213,21 @@ class RolloutConfig(Section):
     generate_timeout_s: float = Field(900.0, gt=0.0, description="one engine's share of a generate call")
     sync_timeout_s: float = Field(120.0, gt=0.0, description="one engine's weight reload")
     max_restarts: int = Field(2, ge=0, description="Ray restarts of a dead or hung engine; its batch is retried once")
+    weight_sync: Literal["object_store", "nccl"] = Field(
+        "object_store", description="how train-rl's learner reaches the engines: the Ray object store (any device), "
+        "or nccl: learner rank 0 broadcasts the full state dict to every engine worker (GPUs on both sides)")
+    sync_bucket_mb: float = Field(256.0, gt=0.0, description="nccl: tensors are packed into buffers of this size")
+
+    @model_validator(mode="after")
+    def _nccl_needs_gpus(self) -> RolloutConfig:
+        if self.weight_sync == "nccl" and not self.use_gpu:
+            error = PydanticCustomError("nccl_cpu", "rollout.weight_sync=nccl broadcasts between GPUs; set "
+                                        "rollout.use_gpu=true (and rl.use_gpu=true) or keep object_store", {})
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [{"type": error, "loc": ("weight_sync",), "input": self.weight_sync}])
+        if self.weight_sync != "nccl":
+            _reject_unused(self, {"sync_bucket_mb": "only rollout.weight_sync=nccl packs tensors into buckets"})
+        return self
 
 
 class GoldScorerConfig(Section):
@@ -653,6 +668,15 @@ class Config(Section):
                                         "disabled; keep model.lora.enabled=true", {"type": self.loss.type})
             raise ValidationError.from_exception_data(
                 type(self).__name__, [{"type": error, "loc": ("model", "lora", "enabled"), "input": False}])
+        return self
+
+    @model_validator(mode="after")
+    def _nccl_sync_from_a_gpu_learner(self) -> Config:
+        if self.rollout.weight_sync == "nccl" and not self.rl.use_gpu:
+            error = PydanticCustomError("nccl_cpu_learner", "rollout.weight_sync=nccl broadcasts from learner rank "
+                                        "0's GPU; set rl.use_gpu=true", {})
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [{"type": error, "loc": ("rl", "use_gpu"), "input": False}])
         return self
 
     @model_validator(mode="after")

@@ -70,7 +70,7 @@ RESUMABLE_KEYS = frozenset({
     *(f"rollout.{key}" for key in (
         "engines", "cpus_per_engine", "engine_threads", "kv_cache_gib", "max_num_seqs", "max_num_batched_tokens",
         "enforce_eager", "gpu_memory_utilization", "gpu_fraction", "start_timeout_s", "generate_timeout_s",
-        "sync_timeout_s", "max_restarts")),
+        "sync_timeout_s", "max_restarts", "weight_sync", "sync_bucket_mb")),
     *(f"reward.{key}" for key in (
         "actors", "cpus_per_actor", "threads", "batch_size", "start_timeout_s", "call_timeout_s", "max_restarts")),
 })
@@ -123,8 +123,15 @@ def _check_resumable(out: Path, cfg: Config) -> None:
                           "rerun with the saved settings")
 
 
-def _sync(learner: LearnerGroup, pool: RolloutPool, dtype: torch.dtype, version: int, timeout_s: float):
-    (ref,), partial = learner.engine_weights(dtype, during=f"weight sync v{version}", timeout_s=timeout_s)
+def _sync(learner: LearnerGroup, pool: RolloutPool, dtype: torch.dtype, version: int, cfg: Config):
+    """The learner's stepped weights to every engine: through the object store (rank 0 puts them there), or
+    broadcast by rank 0 over NCCL (`rollout.weight_sync=nccl`, GPUs)."""
+    during, timeout_s = f"weight sync v{version}", cfg.rollout.sync_timeout_s
+    if cfg.rollout.weight_sync == "nccl":
+        t0 = time.perf_counter()
+        nbytes = learner.broadcast_weights(version, dtype, during=during, timeout_s=timeout_s)
+        return pool.mark_synced(version, time.perf_counter() - t0, nbytes)
+    (ref,), partial = learner.engine_weights(dtype, during=during, timeout_s=timeout_s)
     return pool.sync_weights(ref, version=version, partial=partial)
 
 
@@ -182,10 +189,12 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(rl.seed)).tolist()
     with LearnerGroup(policy, cfg) as learner, RolloutPool(policy, cfg.rollout, cfg.ray.torch_threads) as pool, \
             RewardPool(cfg.reward, cfg.ray.torch_threads) as rewards, open(out / "samples.jsonl", "a") as samples:
+        if cfg.rollout.weight_sync == "nccl":
+            learner.enable_weight_broadcast(pool.members, cfg.rollout, pool.version, during="joining the NCCL weight group")
         if resumed is not None:  # the driver's step, not the learner's count of optimizer steps: those skip NaNs
             learner.load(resumed, during=f"resuming from {resumed}")
         if start:
-            _sync(learner, pool, dtype, start, cfg.rollout.sync_timeout_s)
+            _sync(learner, pool, dtype, start, cfg)
         row: dict[str, Any] = {}
         monitor, history, stopped = TrainingZ.beside(cfg.reward.model), [], None
         for step in range(start, rl.steps):
@@ -220,7 +229,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
             if stats["skipped"]:
                 logger.warning("rl step %d skipped (%s): the policy stays that of step %d",
                                step + 1, stats["skip_reason"], step)
-            synced = None if stats["skipped"] else _sync(learner, pool, dtype, step + 1, cfg.rollout.sync_timeout_s)
+            synced = None if stats["skipped"] else _sync(learner, pool, dtype, step + 1, cfg)
             lengths = [len(c.token_ids) for _, c in flat]
             kept = {key: [values[i] for i in keep] for key, values in scores.items()}
             row = {

@@ -22,10 +22,10 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ray_crm.config import Config, RLConfig
+from ray_crm.config import Config, RLConfig, RolloutConfig
 from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner
 from ray_crm.rl.supervision import ActorCallError, ActorGroup, Member
-from ray_crm.rl.weights import pack_state_dict
+from ray_crm.rl.weights import pack_state_dict, policy_state_dict
 from ray_crm.runtime import set_threads
 
 # No config field bounds the learner's calls (start-up, step, save, load, export): a hung learner must still
@@ -40,6 +40,7 @@ class LearnerWorker:
         set_threads(threads)
         self.rank, self.world = rank, world
         self.learner: PolicyLearner | None = None
+        self.broadcast: Any = None  # rank 0 with rollout.weight_sync=nccl: a `NCCLWeightBroadcast`
 
     def ready(self) -> dict[str, Any]:
         """The pid and, for the rendezvous, this node's IP and a port free on it."""
@@ -70,6 +71,20 @@ class LearnerWorker:
         state, partial = self.learner.engine_weights()
         return [ray.put(pack_state_dict(state, dtype, partial))], partial
 
+    def enable_weight_broadcast(self, engines: list[Member], rollout: RolloutConfig, version: int) -> None:
+        """Become rank 0 of an NCCL group with every engine worker (GPU; `ray_crm.rl.nccl_sync`)."""
+        from ray_crm.rl.nccl_sync import NCCLWeightBroadcast
+
+        group = ActorGroup(engines, rollout.start_timeout_s, max_restarts=0)
+        self.broadcast = NCCLWeightBroadcast(group, rollout, ray.util.get_node_ip_address(), self.ready()["port"],
+                                             version)
+
+    def broadcast_weights(self, version: int, dtype: torch.dtype) -> int:
+        """Broadcast the full policy (LoRA merged, in the engines' dtype) to the engines; the bytes sent."""
+        state = {k: v.to(dtype) for k, v in policy_state_dict(self.learner.model).items()}
+        self.broadcast.send(state, version)
+        return sum(t.numel() * t.element_size() for t in state.values())
+
     def save(self, folder: str) -> None:
         self.learner.save(Path(folder))
 
@@ -80,7 +95,10 @@ class LearnerWorker:
         return str(self.learner.save_policy(Path(folder)))
 
     def shutdown(self) -> None:
-        """Nothing to release: a collective with a dead peer would hang, so the group is not torn down."""
+        """Only the NCCL weight group, if any: a torch collective with a dead peer would hang, so the learners'
+        group is not torn down."""
+        if self.broadcast is not None:
+            self.broadcast.shutdown()
 
 
 class LearnerGroup:
@@ -141,6 +159,15 @@ class LearnerGroup:
     def engine_weights(self, dtype: torch.dtype, during: str, timeout_s: float) -> tuple[list[ray.ObjectRef], bool]:
         """Rank 0's weights after the step (ZeRO 0-2: every rank holds them whole)."""
         return self.call("engine_weights", dtype, during=during, ranks=[0], timeout_s=timeout_s)[0]
+
+    def enable_weight_broadcast(self, engines: list[Member], rollout: RolloutConfig, version: int, during: str) -> None:
+        """Rank 0 joins an NCCL group with the engines; later syncs go through `broadcast_weights`."""
+        self.call("enable_weight_broadcast", engines, rollout, version, during=during, ranks=[0],
+                  timeout_s=rollout.start_timeout_s)
+
+    def broadcast_weights(self, version: int, dtype: torch.dtype, during: str, timeout_s: float) -> int:
+        """Rank 0 broadcasts the stepped weights over NCCL; the bytes sent."""
+        return self.call("broadcast_weights", version, dtype, during=during, ranks=[0], timeout_s=timeout_s)[0]
 
     def save(self, folder: Path, during: str) -> None:
         """Every rank writes its part of a checkpoint into `folder` (shared by the ranks and the driver)."""

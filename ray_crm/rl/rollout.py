@@ -23,9 +23,10 @@ gradient-regularisation perturbed weights) and returns once every engine serves 
   weights), e.g. `policy_state_dict(model, lora_targets_only=True)` after a LoRA step; the engines keep
   the rest. A fused vLLM layer (q/k/v, gate/up) must be sent whole.
 - `weights` a folder (an HF checkpoint the engines can read): the worker's `reload_weights(weights_path)`.
-- GPU, after `enable_nccl_broadcast(...)` in the learner's rank-0 process: the state dict is broadcast
-  over NCCL through vLLM's weight-transfer API (written and documented, not run on this CPU-only machine;
-  docs/gpu.md).
+- GPU, after `enable_nccl_broadcast(...)` in a process holding the weights on its GPU: the state dict is
+  broadcast over NCCL through vLLM's weight-transfer API (`ray_crm.rl.nccl_sync`; train-rl does it from
+  learner rank 0 with `rollout.weight_sync=nccl` and reports the sync with `mark_synced`). Written and
+  documented, not run on this CPU-only machine (docs/gpu.md).
 The returned `WeightSyncReport` carries the seconds taken; it is also logged at INFO for every sync.
 
 Robustness (`ray_crm.rl.supervision`): every remote call has a timeout and errors name the engine; a dead
@@ -50,6 +51,7 @@ from torch import Tensor
 
 from ray_crm.assets import cache_root
 from ray_crm.config import RolloutConfig
+from ray_crm.rl.nccl_sync import NCCLWeightBroadcast
 from ray_crm.rl.supervision import ActorCallError, ActorGroup, Member, contiguous_slices
 from ray_crm.rl.vllm_engine import PromptRollout, RolloutEngine, Sampling, request_seeds
 from ray_crm.rl.weights import PackedWeights, pack_state_dict
@@ -94,7 +96,7 @@ class VLLMRolloutActor:
         self.version = version
         return time.perf_counter() - start
 
-    # vLLM's weight-transfer API (GPU, NCCL), reached through `_EngineWeightSyncClient`.
+    # vLLM's weight-transfer API (GPU, NCCL), reached through `nccl_sync.EngineWeightSyncClient`.
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self.engine.llm.init_weight_transfer_engine({"init_info": init_info})
 
@@ -132,8 +134,7 @@ class RolloutPool:
         # What a restarted engine must load again, in order: the last full sync, then the last partial one.
         self._latest: ray.ObjectRef | str | None = None
         self._latest_partial: ray.ObjectRef | None = None
-        self._nccl: Any = None  # vLLM's NCCLTrainerWeightTransferEngine, once enabled
-        self._nccl_client: _EngineWeightSyncClient | None = None
+        self._nccl: NCCLWeightBroadcast | None = None  # once enabled in this process
         self._placement_group = placement_group
         threads = cfg.engine_threads or torch_threads
         actor_cls = ray.remote(VLLMRolloutActor)
@@ -160,6 +161,20 @@ class RolloutPool:
     @property
     def actors(self) -> list[Any]:
         return [m.handle for m in self.group.members]
+
+    @property
+    def members(self) -> list[Member]:
+        """The engines by name, for a process that syncs them itself (train-rl's learner rank 0 over NCCL)."""
+        return list(self.group.members)
+
+    def mark_synced(self, version: int, seconds: float, nbytes: int) -> WeightSyncReport:
+        """Record a sync another process made (its NCCL broadcast): the engines now serve `version`."""
+        self.version = version
+        self._latest = self._latest_partial = None  # nothing to give a restarted engine: the next sync finds it
+        report = WeightSyncReport(version, seconds, nbytes, 0.0, "nccl")
+        logger.info("weight sync v%d: %.3f s (%.0f MB via nccl to %d engines)", version, seconds, nbytes / 2**20,
+                    len(self.group))
+        return report
 
     def generate(self, prompts: Sequence[str | list[dict[str, str]]], **overrides: Any) -> list[PromptRollout]:
         """Completions for every prompt, in order; `overrides` replace `Sampling` fields for this call
@@ -192,7 +207,7 @@ class RolloutPool:
         if self._nccl is not None and isinstance(weights, Mapping):
             if partial:
                 raise ValueError("the NCCL broadcast sends full state dicts")
-            self._broadcast(weights, version)
+            self._nccl.send(weights, version)
             nbytes, load_s, transport = _nbytes(weights), 0.0, "nccl"
         else:
             payload, nbytes, transport = _payload(weights, ENGINE_DTYPES[self.cfg.dtype], partial)
@@ -213,21 +228,10 @@ class RolloutPool:
     def enable_nccl_broadcast(self, master_address: str, master_port: int) -> None:
         """GPU: make later `sync_weights(state_dict)` calls broadcast over NCCL from this process.
 
-        Call it once, in the learner's rank-0 process, which must own a GPU and hold the state dict on it;
-        every engine worker joins one NCCL group with it (vLLM's weight-transfer API, backend "nccl").
+        Call it once, in a process that owns a GPU and holds the state dict on it; every engine worker joins one
+        NCCL group with it (`ray_crm.rl.nccl_sync`).
         """
-        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
-        world_size = 1 + self.cfg.engines * self.cfg.tensor_parallel_size
-        init = NCCLTrainerInitInfo(
-            master_address=master_address, master_port=master_port, world_size=world_size, rank=0
-        )
-        self._nccl_client = _EngineWeightSyncClient(self.group, self.cfg)
-        self._nccl_client.version = self.version
-        self._nccl = WeightTransferTrainerFactory.trainer_init(
-            init, client=self._nccl_client, source=_state_dict_source({})
-        )
+        self._nccl = NCCLWeightBroadcast(self.group, self.cfg, master_address, master_port, self.version)
 
     def shutdown(self) -> None:
         if self._nccl is not None:
@@ -235,21 +239,10 @@ class RolloutPool:
             self._nccl = None
         self.group.shutdown()
 
-    def _broadcast(self, weights: Mapping[str, Tensor], version: int) -> None:
-        # An engine restarted since the last sync has left the NCCL group: broadcasting would hang.
-        versions = self.group.call("ready", {i: () for i in range(len(self.group))}, self.cfg.sync_timeout_s)
-        stale = [self.group.members[i].name for i, v in versions.items() if v["version"] != self._nccl_client.version]
-        if stale:
-            raise ActorCallError(f"{', '.join(stale)} restarted and left the NCCL weight group; "
-                                 "call enable_nccl_broadcast again")
-        self._nccl.source = _state_dict_source(weights)
-        self._nccl_client.version = version
-        self._nccl.send_weights()
-
     def _reload_latest(self, index: int) -> None:
         """A restarted engine starts from the initial weights: give it the latest ones before the retry.
 
-        (After NCCL syncs there is no copy to give; the next `_broadcast` finds the engine stale.)
+        (After NCCL syncs there is no copy to give; the next broadcast finds the engine stale.)
         """
         for payload, partial in ((self._latest, False), (self._latest_partial, True)):
             if payload is not None:
@@ -284,50 +277,6 @@ class RolloutPool:
             "scheduling_strategy": strategy,
             "runtime_env": {"env_vars": env},
         }
-
-
-class _EngineWeightSyncClient:
-    """vLLM's `VLLMWeightSyncClient` protocol over the pool's engines, for its NCCL trainer engine.
-
-    Each engine's workers take their own NCCL ranks after the learner's rank 0; no call is retried,
-    since a restarted engine cannot rejoin a collective in progress.
-    """
-
-    def __init__(self, group: ActorGroup, cfg: RolloutConfig):
-        self.group = group
-        self.cfg = cfg
-        self.version = 0
-
-    def _all(self, method: str, args: list[tuple]) -> None:
-        self.group.call(method, dict(enumerate(args)), self.cfg.sync_timeout_s, retry=False)
-
-    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        tp = self.cfg.tensor_parallel_size
-        offsets = [1 + i * tp for i in range(len(self.group))]
-        self._all("init_weight_transfer_engine", [({**init_info, "rank_offset": o},) for o in offsets])
-
-    def start_weight_update(self) -> None:
-        self._all("start_weight_update", [()] * len(self.group))
-
-    def update_weights(self, update_info: dict[str, Any]) -> None:
-        self._all("update_weights", [(update_info,)] * len(self.group))
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("finish_weight_update", [(self.version,)] * len(self.group))
-
-
-def _state_dict_source(weights: Mapping[str, Tensor]):
-    """vLLM's `WeightSource` over a state dict: metadata and iteration in the same (dict) order."""
-    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
-
-    class StateDictSource(WeightSource):
-        def metadata(self) -> list[ParamMeta]:
-            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in weights.items()]
-
-        def __iter__(self):
-            return iter(weights.items())
-
-    return StateDictSource()
 
 
 def _payload(weights: Any, dtype: torch.dtype, partial: bool) -> tuple[ray.ObjectRef | str, int, str]:
