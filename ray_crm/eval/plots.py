@@ -72,3 +72,28 @@ def reward_vs_length(scored: Mapping[str, pd.DataFrame], per_rank: Mapping[str, 
     ax.set_ylabel("mean length (words)", fontsize=8)
     ax.legend(fontsize=6)
     return _save(fig, path)
+
+
+def rl_monitor(log: pd.DataFrame, path: Path) -> Path:
+    """The reward-hacking monitor of a train-rl run against step: proxy reward and gold scores, KL to the initial
+    policy, response length and EOS share, entropy, GR's gradient norms and the rollouts' spurious variables
+    (whichever of these `rl.csv` has); steps where an alarm fired are marked in every panel."""
+    panels = [("proxy and gold", [c for c in log.columns if c == "reward_mean" or c.startswith("gold_")]),
+              ("KL to the initial policy", ["policy/kl_to_initial"]),
+              ("response tokens", ["response_tokens_mean"]), ("EOS share", ["finished_fraction"]),
+              ("entropy", ["policy/entropy"]), ("GR gradient norms", ["gr/g1_norm", "gr/g2_norm"]),
+              ("spurious variables (mean)", [c for c in log.columns if c.startswith("z/") and c.endswith("_mean")])]
+    panels = [(title, [c for c in cols if c in log.columns]) for title, cols in panels]
+    panels = [(title, cols) for title, cols in panels if cols]
+    fig, axes = _grid(len(panels))
+    alarms = log["step"][log["alarms"].fillna("").astype(str) != ""] if "alarms" in log.columns else []
+    for ax, (title, cols) in zip(axes, panels):
+        for col in cols:
+            ax.plot(log["step"], pd.to_numeric(log[col], errors="coerce"), label=col, linewidth=1.2)
+        for step in alarms:
+            ax.axvline(step, color="tab:red", alpha=0.3, linewidth=2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        if len(cols) > 1:
+            ax.legend(fontsize=6)
+    return _save(fig, path)

@@ -24,7 +24,8 @@ Written to `<output_dir>/<name>/train-rl/` (or `rl.output_dir`):
   and JSON, no pickle) and the driver's step, every `rl.checkpoint_every` steps, complete only once its
   `COMPLETE.json` (sizes and hashes) is written last: a rerun of the same command resumes from the latest
   one that verifies;
-- `policy/`: the final policy as an HF folder (LoRA merged); `summary.json`.
+- `policy/`: the final policy as an HF folder (LoRA merged); `monitor.png` (the monitor's columns against
+  step, alarms marked); `summary.json`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 import torch
 import yaml
@@ -47,6 +49,7 @@ import yaml
 from ray_crm.assets import resolve_model
 from ray_crm.checkpoint import latest_verified, write_checkpoint
 from ray_crm.config import Config, ConfigError, MonitorConfig, RLConfig, dump_config
+from ray_crm.eval.plots import rl_monitor
 from ray_crm.rl.advantages import rloo_advantages
 from ray_crm.rl.learner_group import LearnerGroup
 from ray_crm.rl.monitor import Alarm, TrainingZ, alarms
@@ -263,6 +266,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                              "; ".join(a.message for a in fired))
                 break
         policy_dir = learner.save_policy(out / "policy", during="exporting the policy")
+    rl_monitor(pd.read_csv(out / "rl.csv"), out / "monitor.png")
     summary = {**_paths(out), "policy": policy_dir, "steps": rl.steps if stopped is None else stopped["step"],
                "resumed_from_step": start if resumed is not None else None, "stopped_by_alarm": stopped, "last": row}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -298,7 +302,8 @@ def _watch(monitor: TrainingZ | None, history: list[dict[str, float]], step: int
 
 def _paths(out: Path) -> dict[str, str]:
     """Where a run's outputs are (recomputed on every call: a finished run's folder may have been moved)."""
-    return {"output_dir": str(out), "policy": str(out / "policy"), "metrics": str(out / "rl.csv")}
+    return {"output_dir": str(out), "policy": str(out / "policy"), "metrics": str(out / "rl.csv"),
+            "monitor_plot": str(out / "monitor.png")}
 
 
 def _drop_samples_after(path: Path, step: int) -> None:

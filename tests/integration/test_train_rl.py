@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,8 @@ def test_ppo_and_rloo_train_on_two_zero2_ranks_and_resume_at_the_saved_step(
     # the engines serve the learner's weights after every step, the resumed one included
     assert all(float(r["policy/engine_logprob_gap"]) < 1e-3 for r in rows)
     assert all((float(r["skipped"]), float(r["policy/updates"])) == (0.0, 4.0) for r in rows)  # 2 epochs x 2
+    assert all(float(r["policy/entropy"]) > 0 and float(r["policy/kl_to_initial"]) >= 0 for r in rows)
+    assert Path(again["monitor_plot"]).stat().st_size > 10_000
     if advantage == "gae":
         assert all(float(r["critic/loss"]) > 0 and r["policy/kl_to_reference"] != "" for r in rows)
     else:

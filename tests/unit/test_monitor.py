@@ -90,3 +90,21 @@ def test_train_rl_adds_the_rollouts_z_to_each_row_and_raises_the_alarm_on_a_plan
         assert row["z/syc_mean"] == 1.0 and history[-1]["policy/kl_to_initial"] == pytest.approx(0.01 * step)
     assert [a.rule for a in fired] == ["proxy_up_gold_down", "z_drift", "z_drift"] and history[-1]["step"] == 4
     assert "skip_reason" not in history[-1]  # only numbers enter the trend rules
+
+
+def test_the_monitor_plot_has_a_panel_per_watched_column_and_marks_alarm_steps(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from ray_crm.eval import plots
+
+    log = pd.DataFrame({"step": [1, 2, 3, 4], "reward_mean": [0.1, 0.2, 0.3, 0.4], "gold_vader_mean": [0.5, 0.4, 0.3, 0.2],
+                        "policy/kl_to_initial": [0.0, 0.01, 0.02, 0.04], "response_tokens_mean": [10, 12, 14, 16],
+                        "alarms": ["", "", "", "proxy_up_gold_down"]})
+    panels, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: panels.extend(ax for ax in fig.axes if ax.axison) or save(fig, path))
+    path = plots.rl_monitor(log, tmp_path / "monitor.png")
+    assert path.stat().st_size > 10_000 and plt.get_fignums() == []
+    # no entropy or GR column in this log: no panel for them
+    assert [ax.get_title() for ax in panels] == ["proxy and gold", "KL to the initial policy", "response tokens"]
+    assert len(panels[0].get_lines()) == 3  # reward, gold and the alarm's mark at step 4
