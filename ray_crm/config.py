@@ -327,6 +327,12 @@ class RLConfig(Section):
         default_factory=list, description="JSONL/CSV/Parquet files with a prompt column; empty: the VADER task prompts"
     )
     prompt_column: str = "prompt"
+    eval_prompts: list[str] = Field(default_factory=list, description=(
+        "files of held-out prompts (column rl.prompt_column), never trained on: the initial policy, every "
+        "rl.eval_every steps and the last are sampled on them and scored by the reward and gold scorers "
+        "(rl.csv columns eval/...; what a sweep should choose by)"))
+    eval_every: int = Field(0, ge=0, description="steps between held-out evaluations; 0: the initial and last only")
+    eval_samples: int = Field(4, ge=1, description="completions per held-out prompt, from one fixed seed each time")
     steps: int = Field(20, ge=0, description="rollout batches, each followed by one optimizer step and a weight sync")
     prompts_per_step: int = Field(8, ge=1, description="prompts per batch; each gets rollout.n_samples completions")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass (gradients accumulate)")
@@ -366,6 +372,8 @@ class RLConfig(Section):
                    "kl_beta": ("kl", "reset"), "reset_every": ("reset",)}
         unused = {key: f"only rl.regularizer={' or '.join(users)} reads it, not {self.regularizer}"
                   for key, users in readers.items() if self.regularizer not in users}
+        if not self.eval_prompts:
+            unused.update(dict.fromkeys(("eval_every", "eval_samples"), "only read with rl.eval_prompts set"))
         if self.advantage != "gae":
             critic = [f"critic.{k}" for k in CriticConfig.model_fields if k != "lora"]
             critic += [f"critic.lora.{k}" for k in PolicyLoraConfig.model_fields]

@@ -69,6 +69,7 @@ SETTINGS_SECTIONS = ("rl", "reward", "rollout")
 # ... but for these, which change how long, where or how fast it runs, not what it learns.
 RESUMABLE_KEYS = frozenset({
     "rl.steps", "rl.checkpoint_every", "rl.keep_checkpoints", "rl.output_dir", "rl.learner_cpus",
+    "rl.eval_prompts", "rl.eval_every", "rl.eval_samples",
     "rl.learner_threads", *(f"rl.monitor.{key}" for key in MonitorConfig.model_fields),
     *(f"rollout.{key}" for key in (
         "engines", "cpus_per_engine", "engine_threads", "kv_cache_gib", "max_num_seqs", "max_num_batched_tokens",
@@ -161,6 +162,9 @@ def reported_metric_names(cfg: Config) -> set[str]:
     names |= {f"{gold_key(g.name)}_mean" for g in cfg.reward.gold}
     if cfg.rl.monitor.kl_to_initial:
         names.add("policy/kl_to_initial")
+    if cfg.rl.eval_prompts:
+        names |= {f"eval/{key}" for key in (f"{REWARD_KEY}_mean", "response_tokens_mean", "finished_fraction",
+                                             *(f"{gold_key(g.name)}_mean" for g in cfg.reward.gold))}
     return names | set(regularizer(cfg.rl.regularizer).metrics)
 
 
@@ -179,6 +183,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
         return {**json.loads((out / "summary.json").read_text()), **_paths(out), "resumed_from_step": start}
     (out / "config.yaml").write_text(dump_config(cfg))
     prompts = load_prompts(rl.prompts, rl.prompt_column, out / "quarantine.jsonl")
+    held_out = load_prompts(rl.eval_prompts, rl.prompt_column, out / "eval_quarantine.jsonl") if rl.eval_prompts else []
     init_ray(cfg.ray)
     need, have = sum(b.get("CPU", 0.0) for b in trial_bundles(cfg)), ray.cluster_resources().get("CPU", 0.0)
     if need > have:
@@ -200,12 +205,14 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
             _sync(learner, pool, dtype, start, cfg)
         row: dict[str, Any] = {}
         monitor, history, stopped = TrainingZ.beside(cfg.reward.model), [], None
+        if held_out and start == 0:  # the initial policy on the held-out prompts: what the run is measured from
+            log.write(0, _evaluate(pool, rewards, held_out, cfg))
         for step in range(start, rl.steps):
             chosen = [prompts[order[(step * rl.prompts_per_step + i) % len(prompts)]]
                       for i in range(rl.prompts_per_step)]
             t0 = time.perf_counter()
             seed = None if cfg.rollout.seed is None else cfg.rollout.seed + step
-            rollouts = pool.generate(chosen, seed=seed)
+            rollouts = pool.generate(chosen, call=step, seed=seed)
             t1 = time.perf_counter()
             flat = [(r, c) for r in rollouts for c in r.completions]
             scores = rewards.score([r.prompt for r, _ in flat], [c.text for _, c in flat])
@@ -244,6 +251,8 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                 "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/learn_s": t3 - t2,
                 "time/sync_s": synced.seconds if synced else 0.0,
             }
+            if held_out and ((rl.eval_every and (step + 1) % rl.eval_every == 0) or step + 1 == rl.steps):
+                row.update(_evaluate(pool, rewards, held_out, cfg))
             fired = _watch(monitor, history, step + 1, row, [(r.prompt, c.text) for r, c in flat], cfg)
             row["alarms"] = ",".join(a.rule for a in fired)
             log.write(step + 1, row)
@@ -285,6 +294,24 @@ def _advantages(reward: torch.Tensor, valid: torch.Tensor, prompts: int, rl: RLC
     estimate = rloo_advantages if rl.advantage == "rloo" else group_advantages
     grouped = reward.view(prompts, -1)
     return estimate(grouped, rl.whiten_advantages, valid.view_as(grouped)).flatten().tolist(), []
+
+
+def _evaluate(pool: RolloutPool, rewards: RewardPool, prompts: list[str], cfg: Config) -> dict[str, float]:
+    """The policy the engines serve, sampled on the held-out prompts (`rl.eval_samples` each, the same seed every
+    time, so two evaluations differ by the policy only) and scored: `eval/` means of every score over its finite
+    values, response length and EOS share."""
+    t0 = time.perf_counter()
+    rollouts = pool.generate(prompts, call=0, n=cfg.rl.eval_samples, seed=(cfg.rollout.seed or 0) + 7919)
+    flat = [(r.prompt, c) for r in rollouts for c in r.completions]
+    scores = rewards.score([p for p, _ in flat], [c.text for _, c in flat])
+    out = {}
+    for key, values in scores.items():
+        finite = [v for v in values if math.isfinite(v)]
+        out[f"eval/{key}_mean"] = sum(finite) / len(finite) if finite else math.nan
+    out["eval/response_tokens_mean"] = sum(len(c.token_ids) for _, c in flat) / len(flat)
+    out["eval/finished_fraction"] = sum(c.finish_reason == "stop" for _, c in flat) / len(flat)
+    out["time/eval_s"] = time.perf_counter() - t0
+    return out
 
 
 def _watch(monitor: TrainingZ | None, history: list[dict[str, float]], step: int, row: dict[str, Any],

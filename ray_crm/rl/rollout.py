@@ -176,11 +176,14 @@ class RolloutPool:
                     len(self.group))
         return report
 
-    def generate(self, prompts: Sequence[str | list[dict[str, str]]], **overrides: Any) -> list[PromptRollout]:
+    def generate(self, prompts: Sequence[str | list[dict[str, str]]], call: int | None = None,
+                 **overrides: Any) -> list[PromptRollout]:
         """Completions for every prompt, in order; `overrides` replace `Sampling` fields for this call
-        (e.g. `n=1, temperature=0.0` for greedy evaluation)."""
+        (e.g. `n=1, temperature=0.0` for greedy evaluation). The requests' seeds derive from the sampling seed
+        and `call` (default: this pool's count of calls): a caller that names its calls (train-rl: the step)
+        samples the same whatever other calls came between, and after a restart."""
         sampling = Sampling.from_config(self.cfg, **overrides)
-        seeds = request_seeds(sampling.seed, self._calls, count=len(prompts))
+        seeds = request_seeds(sampling.seed, self._calls if call is None else call, count=len(prompts))
         self._calls += 1
         prompts = list(prompts)
         args = {

@@ -88,11 +88,16 @@ def test_ppo_and_rloo_train_on_two_zero2_ranks_and_resume_at_the_saved_step(
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i love this film"]))
 
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"prompt": "a sentence about the weather"}) + "\n")
+
     def config(steps):
         data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps).model_dump(mode="json")
         data["rl"].update({"advantage": advantage, "num_workers": 2, "zero_stage": 2, "epochs": 2, "minibatches": 2})
         if advantage == "gae":
             data["rl"].update({"kl_in_reward": 0.05, "critic": {"lr": 1e-2, "lora": {"rank": 4, "alpha": 8}}})
+        else:  # held-out prompts: the initial policy and the last step's are evaluated on them
+            data["rl"].update({"eval_prompts": [str(held_out)], "eval_samples": 3})
         return validate(data)
 
     run_train_rl(config(2))
@@ -100,6 +105,10 @@ def test_ppo_and_rloo_train_on_two_zero2_ranks_and_resume_at_the_saved_step(
     again = run_train_rl(config(3))
     assert again["resumed_from_step"] == 2
     rows = _rows(out / "rl.csv")
+    if advantage == "rloo":
+        evaluated = [int(r["step"]) for r in rows if r.get("eval/gold_vader_mean", "") != ""]
+        assert evaluated == [0, 2, 3] and all(r["eval/reward_mean"] != "" for r in rows if int(r["step"]) in evaluated)
+        rows = rows[1:]  # step 0 holds the initial policy's evaluation only
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert [int(float(r["policy_version"])) for r in rows] == [0, 1, 2]
     # the engines serve the learner's weights after every step, the resumed one included

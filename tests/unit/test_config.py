@@ -305,3 +305,14 @@ def test_dpo_family_settings_are_checked_across_sections():
     with pytest.raises(ConfigError, match="sweep.stage.*trains with train-dpo"):
         validate({"loss": {"type": "causal_dpo"}, "sweep": {"stage": "train-rm",
                                                              "space": {"loss.lambda_mmd": {"grid": [0, 1]}}}})
+
+
+def test_held_out_evaluation_settings_need_held_out_prompts_and_do_not_block_a_resume():
+    from ray_crm.rl.grpo_trainer import RESUMABLE_KEYS, reported_metric_names
+
+    with pytest.raises(ConfigError, match="rl.eval_every.*only read with rl.eval_prompts set"):
+        load_config(None, ["rl.eval_every=5"])
+    cfg = load_config(None, ["rl.eval_prompts=[held_out.jsonl]", "rl.eval_every=5",
+                             "reward.gold=[{name: vader, kind: vader}]"])
+    assert {"eval/gold_vader_mean", "eval/reward_mean"} <= reported_metric_names(cfg)  # a sweep may choose by them
+    assert {"rl.eval_prompts", "rl.eval_every", "rl.eval_samples"} <= RESUMABLE_KEYS
