@@ -1,0 +1,187 @@
+"""The second paper's claim on real text: gradient regularization against KL, reference resets and no
+regularizer, gold-scored by a learned reward model, GR's strength chosen by Ray Tune on validation prompts.
+
+    make demo && python benchmarks/gold_rm.py      # the proxy RMs (demo) and the gold RM this needs
+    python benchmarks/gr_vs_kl.py --phase tune      # GR gamma by Tune on validation prompts (seed 0)
+    python benchmarks/gr_vs_kl.py --phase arms      # every arm x --seeds, reported on test prompts
+    python benchmarks/gr_vs_kl.py --phase report    # -> benchmarks/results/gr_vs_kl.json, docs/img/gr_vs_kl.png
+
+Every run is `ray-crm train-rl` with `configs/rl_length.yaml` (SmolLM2-135M + LoRA, Dr.GRPO, the VADER task's
+four training prompts) for `--steps` steps, against the demo's length-biased RM (the proxy) or its causal RM
+(`crm_*` arms), with two gold scorers that are never trained on: the gold RM of `configs/gold_rm.yaml` (another
+backbone, clean pairs, off-topic praise loses) and the VADER lexicon. Held-out prompts
+(`benchmarks/data/rl_{validation,test}_prompts.jsonl`, other topics than the training prompts) are sampled at
+step 0 and at the end (`rl.eval_prompts`): Tune chooses gamma by the gold RM's score on the validation prompts;
+the arms report on the test prompts. Each phase is one or more Ray Tune experiments (`ray-crm sweep`,
+`sweep.stage=train-rl`): rerunning a phase resumes it, finished trials are not trained again. Seeds are the
+rollout seeds (`rollout.seed`; the LoRA adapter starts at the base policy whatever `rl.seed`).
+
+Arms: `none`; `kl_<beta>` (k3 KL to the initial policy); `reset_<period>` (KL to a reference renewed every
+period steps); `gr_<gamma>` (gamma from the tune phase, or `--gamma`); `crm_none` and `crm_gr_<gamma>` (the
+causal RM as proxy). Report per arm: the seeds' final held-out gold and proxy scores (mean, standard error),
+KL to the initial policy and response length, and curves (proxy and gold against step and against KL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data"
+GOLD = "eval/gold_gold_rm_mean"  # the held-out gold RM score, the headline
+COLUMNS = {"gold_final": GOLD, "lexicon_final": "eval/gold_vader_mean", "proxy_final": "eval/reward_mean",
+           "kl_final": "policy/kl_to_initial", "tokens_final": "eval/response_tokens_mean",
+           "eos_final": "eval/finished_fraction"}
+
+
+def exported(pattern: str, hint: str) -> str:
+    found = sorted(ROOT.glob(pattern))
+    if not found:
+        sys.exit(f"nothing matches {pattern}: {hint}")
+    return str(found[-1])
+
+
+def base_overrides(args: argparse.Namespace, proxy: str, prompts: str) -> list[str]:
+    gold = exported("outputs/gold_rm/train-rm/*/export/merged", "run `python benchmarks/gold_rm.py` first")
+    return [f"output_dir={ROOT / 'outputs'}", f"reward.model={proxy}", f"rl.steps={args.steps}",
+            f"reward.gold=[{{name: vader, kind: vader}}, {{name: gold_rm, kind: reward_model, model: {gold}}}]",
+            f"rl.eval_prompts=[{DATA / prompts}]", f"rl.eval_samples={args.eval_samples}",
+            "sweep.stage=train-rl", f"sweep.metric={GOLD}", "sweep.bias_metric=response_tokens_mean"]
+
+
+def arms(args: argparse.Namespace, gamma: float) -> dict[str, tuple[str, list[str]]]:
+    """Arm name -> (which demo RM is the proxy, its overrides)."""
+    out = {"none": ("bt", ["rl.regularizer=none"])}
+    out |= {f"kl_{b:g}": ("bt", ["rl.regularizer=kl", f"rl.kl_beta={b}"]) for b in args.betas}
+    out |= {f"reset_{p}": ("bt", ["rl.regularizer=reset", f"rl.kl_beta={args.betas[0]}", f"rl.reset_every={p}"])
+            for p in args.periods}
+    out[f"gr_{gamma:g}"] = ("bt", ["rl.regularizer=gr", f"rl.gr_gamma={gamma}"])
+    out["crm_none"] = ("crm", ["rl.regularizer=none"])
+    out[f"crm_gr_{gamma:g}"] = ("crm", ["rl.regularizer=gr", f"rl.gr_gamma={gamma}"])
+    return out
+
+
+def sweep(name: str, overrides: list[str], space: str):
+    from ray_crm.config import load_config
+    from ray_crm.tune.sweep import run_sweep
+
+    cfg = load_config(ROOT / "configs" / "rl_length.yaml", [f"name={name}", *overrides, f"sweep.space={space}"])
+    resume = (cfg.stage_dir("sweep") / "tune" / name).exists()
+    return run_sweep(cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"resume": resume})}))
+
+
+def chosen_gamma(prefix: str) -> float:
+    summary = ROOT / "outputs" / f"{prefix}_tune" / "sweep" / "best.yaml"
+    if not summary.is_file():
+        sys.exit(f"no {summary}: run --phase tune first, or give --gamma")
+    import yaml
+
+    return float(yaml.safe_load(summary.read_text())["rl"]["gr_gamma"])
+
+
+def runs(prefix: str, arm: str) -> list[tuple[int, pd.DataFrame]]:
+    """(rollout seed, rl.csv) of every finished trial of an arm's sweep."""
+    import yaml
+
+    out = []
+    for log in sorted((ROOT / "outputs").glob(f"{prefix}_{arm}-*/train-rl/rl.csv")):
+        if (log.parent / "summary.json").is_file():
+            seed = yaml.safe_load((log.parent / "config.yaml").read_text())["rollout"]["seed"]
+            out.append((seed, pd.read_csv(log)))
+    return sorted(out, key=lambda x: x[0])
+
+
+def summarize(per_seed: list[tuple[int, pd.DataFrame]]) -> dict:
+    """Per arm: the seeds, and each final figure's per-seed values, mean and standard error."""
+    out: dict = {"seeds": [s for s, _ in per_seed]}
+    for key, column in COLUMNS.items():
+        values = []
+        for _, log in per_seed:
+            filled = log[column].dropna() if column in log.columns else pd.Series(dtype=float)
+            values.append(float(filled.iloc[-1]) if len(filled) else math.nan)
+        out[f"{key}_values"] = values
+        out[f"{key}_mean"] = statistics.fmean(values) if values else math.nan
+        out[f"{key}_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return out
+
+
+def plot(curves: dict[str, list[tuple[int, pd.DataFrame]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for i, (arm, per_seed) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        for j, (_, log) in enumerate(per_seed):
+            label = arm if j == 0 else None
+            axes[0].plot(log["step"], log["reward_mean"], color=color, alpha=0.7, label=label)
+            axes[1].plot(log["step"], log["gold_gold_rm_mean"], color=color, alpha=0.7)
+            axes[2].plot(log["step"], log["response_tokens_mean"], color=color, alpha=0.7)
+            final = log.dropna(subset=[GOLD, "policy/kl_to_initial"])
+            axes[3].scatter(final["policy/kl_to_initial"], final[GOLD], color=color, s=18)
+    for ax, title in zip(axes, ("proxy reward (training prompts)", "gold RM (training prompts)",
+                                "response tokens", "held-out gold RM vs KL to the initial policy"), strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step" if "vs KL" not in title else "KL (k3, per token)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=["tune", "arms", "report"], required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--gammas", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="tune: the GR grid")
+    parser.add_argument("--gamma", type=float, help="arms: GR's gamma (default: the tune phase's choice)")
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.2], help="KL arms' rl.kl_beta")
+    parser.add_argument("--periods", type=int, nargs="+", default=[5, 10], help="reset arms' rl.reset_every")
+    parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--prefix", default="gvk")
+    args = parser.parse_args()
+    proxies = {kind: exported(f"outputs/demo/train-rm/demo-{kind}-*/export", "run `make demo` first")
+               for kind in ("bt", "crm")}
+
+    if args.phase == "tune":
+        grid = ", ".join(f"{g:g}" for g in args.gammas)
+        summary = sweep(f"{args.prefix}_tune", [*base_overrides(args, proxies["bt"], "rl_validation_prompts.jsonl"),
+                                                "rl.regularizer=gr"], f"{{rl.gr_gamma: {{grid: [{grid}]}}}}")
+        print("chosen on validation prompts:", summary["chosen"])
+        return
+    gamma = args.gamma if args.gamma is not None else chosen_gamma(args.prefix)
+    chosen = arms(args, gamma)
+    if args.phase == "arms":
+        seeds = ", ".join(map(str, args.seeds))
+        for arm, (kind, overrides) in chosen.items():
+            print(f"== {arm}", flush=True)
+            sweep(f"{args.prefix}_{arm}", [*base_overrides(args, proxies[kind], "rl_test_prompts.jsonl"), *overrides],
+                  f"{{rollout.seed: {{grid: [{seeds}]}}}}")
+        return
+    curves = {arm: runs(args.prefix, arm) for arm in chosen}
+    result = {"command": "python benchmarks/gr_vs_kl.py " + " ".join(sys.argv[1:]), "steps": args.steps,
+              "gamma": gamma, "gold": "held-out test prompts, gold RM (configs/gold_rm.yaml); lexicon beside",
+              "arms": {arm: summarize(per_seed) for arm, per_seed in curves.items() if per_seed}}
+    out = ROOT / "benchmarks" / "results" / "gr_vs_kl.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot({a: c for a, c in curves.items() if c}, ROOT / "docs" / "img" / "gr_vs_kl.png")
+    print("| arm | seeds | held-out gold RM | lexicon | proxy | KL | tokens |\n|---|---|---|---|---|---|---|")
+    for arm, r in result["arms"].items():
+        print(f"| {arm} | {len(r['seeds'])} | {r['gold_final_mean']:.3f} +- {r['gold_final_se']:.3f} | "
+              f"{r['lexicon_final_mean']:.3f} | {r['proxy_final_mean']:.3f} | {r['kl_final_mean']:.4f} | "
+              f"{r['tokens_final_mean']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
