@@ -37,89 +37,74 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
-def test_grpo_with_gr_trains_syncs_every_step_quarantines_bad_prompts_and_refuses_other_settings(
-        ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir):
+@pytest.mark.parametrize("advantage", ["gae", "rloo"])
+def test_ppo_and_rloo_with_gr_train_on_two_zero2_ranks_sync_every_step_and_resume_at_the_saved_step(
+        ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir, advantage):
+    """Dr.GRPO, the default estimator, runs end to end in the sweep and kill-and-resume tests below."""
     from transformers import AutoModelForCausalLM
 
     prompts = tmp_path / "prompts.jsonl"
     lines = [{"prompt": p} for p in ["the movie was", "i love this film", "what a boring plot"]]
     lines.insert(1, {"text": "no prompt field"})
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
-
-    summary = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=3))
-    out = tmp_path / "out" / "rl" / "train-rl"
-    rows = _rows(out / "rl.csv")
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    # the rollouts of step k came from the weights of step k - 1: every step's weights reached the engine
-    assert [int(float(r["policy_version"])) for r in rows] == [0, 1, 2]
-    # and the learner's recomputed log-probs match the engine's within fp32 noise at every step
-    assert all(float(r["policy/engine_logprob_gap"]) < 1e-3 for r in rows)
-    for key in ("reward_mean", "gold_vader_mean", "gr/g1_norm", "gr/g2_norm", "time/sync_s", "response_tokens_mean"):
-        assert all(r[key] != "" for r in rows), key
-    # every score finite, every step taken
-    assert all((float(r["skipped"]), r["skip_reason"], float(r["dropped_rows"])) == (0.0, "", 0.0) for r in rows)
-    bad = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
-    assert [(b["line"], b["field"], b["reason"]) for b in bad] == [(2, "prompt", "missing")]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
-
-    # the policy moved away from the initial weights (so a missed sync would have shown in the gap)
-    ids = torch.tensor([[1, 5, 9, 13, 17]])
-    with torch.no_grad():
-        start = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(input_ids=ids).logits
-        trained = AutoModelForCausalLM.from_pretrained(summary["policy"])(input_ids=ids).logits
-    assert (start - trained).abs().max() > 1e-3
-
-    # a finished run asked again starts nothing and reports what it has (resuming with more steps: the PPO and
-    # RLOO test below)
-    finished = run_train_rl(_config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=3))
-    assert finished["resumed_from_step"] == 3 and finished["policy"] == summary["policy"]
-    assert len(_rows(out / "rl.csv")) == 3
-    # ... and a rerun under other learning settings is refused: that would be another experiment in the same folder
-    data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=5).model_dump(mode="json")
-    data["rl"]["lr"], data["rollout"]["temperature"] = 1e-3, 0.9
-    with pytest.raises(ConfigError, match=r"rl\.lr, rollout\.temperature differ.*another `name` or `rl\.output_dir`"):
-        run_train_rl(validate(data))
-    assert len(_rows(out / "rl.csv")) == 3
-
-
-@pytest.mark.parametrize("advantage", ["gae", "rloo"])
-def test_ppo_and_rloo_train_on_two_zero2_ranks_and_resume_at_the_saved_step(
-        ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir, advantage):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i love this film"]))
-
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text(json.dumps({"prompt": "a sentence about the weather"}) + "\n")
 
-    def config(steps):
+    def config(steps, **rl):
         data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps).model_dump(mode="json")
-        data["rl"].update({"advantage": advantage, "num_workers": 2, "zero_stage": 2, "epochs": 2, "minibatches": 2})
+        data["rl"].update({"advantage": advantage, "num_workers": 2, "zero_stage": 2, "epochs": 2, "minibatches": 2,
+                           **rl})
         if advantage == "gae":
             data["rl"].update({"kl_in_reward": 0.05, "critic": {"lr": 1e-2, "lora": {"rank": 4, "alpha": 8}}})
         else:  # held-out prompts: the initial policy and the last step's are evaluated on them
             data["rl"].update({"eval_prompts": [str(held_out)], "eval_samples": 3})
         return validate(data)
 
-    run_train_rl(config(2))
+    first = run_train_rl(config(2))
     out = tmp_path / "out" / "rl" / "train-rl"
+    bad = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [(b["line"], b["field"], b["reason"]) for b in bad] == [(2, "prompt", "missing")]
+    # the same command with more steps resumes at the saved step
     again = run_train_rl(config(3))
-    assert again["resumed_from_step"] == 2
+    assert first["resumed_from_step"] is None and again["resumed_from_step"] == 2
     rows = _rows(out / "rl.csv")
     if advantage == "rloo":
         evaluated = [int(r["step"]) for r in rows if r.get("eval/gold_vader_mean", "") != ""]
         assert evaluated == [0, 2, 3] and all(r["eval/reward_mean"] != "" for r in rows if int(r["step"]) in evaluated)
         rows = rows[1:]  # step 0 holds the initial policy's evaluation only
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    # the rollouts of step k came from the weights of step k - 1: every step's weights reached the engine, and
+    # the learner's recomputed log-probs match the engine's within fp32 noise at every step, the resumed one too
     assert [int(float(r["policy_version"])) for r in rows] == [0, 1, 2]
-    # the engines serve the learner's weights after every step, the resumed one included
     assert all(float(r["policy/engine_logprob_gap"]) < 1e-3 for r in rows)
-    assert all((float(r["skipped"]), float(r["policy/updates"])) == (0.0, 4.0) for r in rows)  # 2 epochs x 2
+    for key in ("reward_mean", "gold_vader_mean", "gr/g1_norm", "gr/g2_norm", "time/sync_s", "response_tokens_mean"):
+        assert all(r[key] != "" for r in rows), key
+    # every score finite, every update taken (2 epochs x 2 minibatches)
+    assert all((float(r["skipped"]), r["skip_reason"], float(r["dropped_rows"]), float(r["policy/updates"]))
+               == (0.0, "", 0.0, 4.0) for r in rows)
     assert all(float(r["policy/entropy"]) > 0 and float(r["policy/kl_to_initial"]) >= 0 for r in rows)
     assert Path(again["monitor_plot"]).stat().st_size > 10_000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
     if advantage == "gae":
         assert all(float(r["critic/loss"]) > 0 and r["policy/kl_to_reference"] != "" for r in rows)
     else:
         assert "critic/loss" not in rows[0]
+
+    # the policy moved away from the initial weights (so a missed sync would have shown in the gap)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        start = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(input_ids=ids).logits
+        trained = AutoModelForCausalLM.from_pretrained(again["policy"])(input_ids=ids).logits
+    assert (start - trained).abs().max() > 1e-3
+    # a finished run asked again starts nothing and reports what it has ...
+    finished = run_train_rl(config(3))
+    assert finished["resumed_from_step"] == 3 and finished["policy"] == again["policy"]
+    assert len(_rows(out / "rl.csv")) == len(rows) + (advantage == "rloo")
+    # ... and a rerun under other learning settings is refused: that would be another experiment in the same folder
+    data = config(5).model_dump(mode="json")
+    data["rl"]["lr"], data["rollout"]["temperature"] = 1e-3, 0.9
+    with pytest.raises(ConfigError, match=r"rl\.lr, rollout\.temperature differ.*another `name` or `rl\.output_dir`"):
+        run_train_rl(validate(data))
 
 
 def test_a_tune_sweep_of_gr_gamma_runs_rl_trials_and_picks_one(ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir):
