@@ -38,15 +38,20 @@ def batch(sequences: int, prompt: int, response: int) -> PolicyBatch:
                        temperature=0.7, max_new_tokens=response)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def learner_bench(doc: str) -> tuple[argparse.Namespace, Path, PolicyBatch]:
+    """What the single-process learner benchmarks share: their command line (`--sequences`, `--rounds`,
+    `--threads`, torch's threads set from it), the policy's folder and the random batch."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = resolve_model("smollm2")
-    work = batch(args.sequences, 35, 32)
+    return args, resolve_model("smollm2"), batch(args.sequences, 35, 32)
+
+
+def main() -> None:
+    args, path, work = learner_bench(__doc__)
     result = {"command": "python benchmarks/bench_gr.py " + " ".join(sys.argv[1:]),
               "machine": {"cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
                           "threads": args.threads, "torch": torch.__version__, "loadavg_at_start": os.getloadavg()[0]},

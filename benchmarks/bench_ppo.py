@@ -14,7 +14,6 @@ counts. `ppo_over_grpo_step` is PPO's learner step over GRPO's; `critic_share_of
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -25,9 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gr import batch  # the same random batch (run as a script: benchmarks/ is on the path)
+from bench_gr import learner_bench  # the same command line and random batch (run as a script)
 
-from ray_crm.assets import resolve_model
 from ray_crm.config import RLConfig
 from ray_crm.rl.policy_learner import PolicyLearner
 
@@ -35,14 +33,7 @@ RESULTS = Path(__file__).parent / "results" / "ppo.json"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    path = resolve_model("smollm2")
-    grpo_batch = batch(args.sequences, 35, 32)
+    args, path, grpo_batch = learner_bench(__doc__)
     ppo_batch = dataclasses.replace(grpo_batch, advantages=[], rewards=grpo_batch.advantages)
     base = {"regularizer": "none", "micro_batch_size": 16, "lr": 1e-5}
     learners = {"grpo": (PolicyLearner(path, RLConfig(**base)), grpo_batch),
