@@ -349,7 +349,8 @@ class RLConfig(Section):
     critic: CriticConfig = Field(default_factory=lambda: CriticConfig())
     whiten_rewards: bool = Field(True, description="gae: centre the batch's rewards and divide by their std before GAE")
     kl_in_reward: float = Field(0.0, ge=0.0, description="gae: weight of the per-token KL (k1) to the reference "
-                                "subtracted from the reward, as PPO-RLHF does; the reference is the initial policy")
+                                "subtracted from the reward, as PPO-RLHF does; the reference is the initial policy "
+                                "(under rl.regularizer=reset, the latest reset)")
     regularizer: Literal["none", "kl", "reset", "gr"] = "gr"
     gr_gamma: float = Field(1e-2, ge=0.0, description="gr: strength of the gradient-norm penalty")
     gr_fd_eps: float = Field(1e-3, gt=0.0, description="gr: finite-difference step (not the PPO clip)")
