@@ -69,7 +69,7 @@ def test_a_sweep_interrupted_mid_trial_resumes_without_rerunning_finished_trials
     `--resume`: the finished trial is not trained again and the sweep completes."""
     space = "sweep.space={loss.lambda_mmd: {grid: [0.0, 1.0]}}"
     args = [*prepared, "name=interrupted", "loss.type=crm", "train.num_workers=1", "train.cpus_per_worker=0.5",
-            "train.zero_stage=0", "train.batch_size=16", "train.max_steps=12", "train.eval_every=4",
+            "train.zero_stage=0", "train.batch_size=16", "train.max_steps=8", "train.eval_every=4",
             "train.lr=0.005", space]
     out = Path(load_config(None, args).output_dir)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
