@@ -67,8 +67,8 @@ def interleaved(base: list[str], steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = load_config(None, [*base, "loss.type=crm", "loss.lambda_mmd=1.0"])
-    table = read_prepared_table(cfg.prepared_dir(), "train", [c for c in COLUMNS if c != "pair_id"])
-    rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    table = read_prepared_table(cfg.prepared_dir(), "train")  # a reward model's pairs have no response starts
+    rows = {c: table[c].to_numpy(zero_copy_only=False) for c in COLUMNS if c != "pair_id" and c in table.column_names}
     mmd = mmd_settings(cfg, load_manifest(cfg.prepared_dir())["num_bins"])
     tok = load_tokenizer(cfg.model)
     model = load_reward_model(cfg.model, tok.pad_token_id)
