@@ -72,3 +72,19 @@ def test_a_resumed_ppo_learner_takes_the_same_next_step_policy_and_critic(tiny_l
     assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
     assert all(torch.equal(p, q) for p, q in zip(a.critic.params, b.critic.params))
     assert _same_adam(_adam(a), _adam(b)) and _same_adam(_adam(a.critic), _adam(b.critic))
+
+
+def test_the_driver_hands_ppo_centred_scaled_rewards_and_grpo_its_group_advantages():
+    from ray_crm.config import RLConfig
+    from ray_crm.rl.grpo_trainer import _advantages
+
+    reward = torch.tensor([5.0, 5.2, float("nan"), 4.8])  # an RM's offset of 5, one non-finite score
+    valid = torch.isfinite(reward)
+    advantages, rewards = _advantages(reward, valid, prompts=2, rl=RLConfig(advantage="gae"))
+    kept = torch.tensor([rewards[i] for i in (0, 1, 3)])
+    assert advantages == [] and rewards[2] == 0.0
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6) and kept.std().item() == pytest.approx(1.0, abs=1e-6)
+    raw = _advantages(reward, valid, 2, RLConfig(advantage="gae", whiten_rewards=False))[1]
+    assert raw[:2] == pytest.approx([5.0, 5.2])
+    advantages, rewards = _advantages(reward, valid, prompts=2, rl=RLConfig(advantage="rloo", whiten_advantages=False))
+    assert rewards == [] and advantages == pytest.approx([-0.2, 0.2, 0.0, 0.0])  # the lone valid sample gets 0
