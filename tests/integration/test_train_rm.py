@@ -93,7 +93,7 @@ def test_zero3_conditional_export_scores_as_the_trainer_did(prepared, tiny_bert_
             enc = tok(list(rows["prompt"]), list(rows[side]), padding=True, truncation=True, max_length=48,
                       return_tensors="pt")
             ours = model(**enc).logits.squeeze(-1).numpy()
-            np.testing.assert_allclose(ours, trained[side][:16], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(ours, trained[side][:16], atol=1e-5, rtol=1e-5)  # fp32: rewards of ~16 differ in the 7th digit
 
 
 def test_a_worker_killed_after_a_checkpoint_resumes_from_it(prepared, ray_local):
