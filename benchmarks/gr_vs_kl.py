@@ -4,13 +4,13 @@ regularizer, gold-scored by a learned reward model, GR's strength chosen by Ray 
     make demo && python benchmarks/gold_rm.py      # the proxy RMs (demo) and the gold RM this needs
     python benchmarks/gr_vs_kl.py --phase tune      # GR gamma by Tune on validation prompts (seed 0)
     python benchmarks/gr_vs_kl.py --phase arms      # every arm x --seeds, reported on test prompts
-    python benchmarks/gr_vs_kl.py --phase report    # -> benchmarks/results/gr_vs_kl.json, docs/img/gr_vs_kl.png
+    python benchmarks/gr_vs_kl.py --phase report    # -> the result JSON and plot (RESULT, below)
 
 Every run is `ray-crm train-rl` with `configs/rl_length.yaml` (SmolLM2-135M + LoRA, Dr.GRPO, the VADER task's
 four training prompts) for `--steps` steps, against the demo's length-biased RM (the proxy) or its causal RM
 (`crm_*` arms), with two gold scorers that are never trained on: the gold RM of `configs/gold_rm.yaml` (another
 backbone, clean pairs, off-topic praise loses) and the VADER lexicon. Held-out prompts
-(`benchmarks/data/rl_{validation,test}_prompts.jsonl`, other topics than the training prompts) are sampled at
+(`benchmarks/data/rl_validation_prompts.csv`, `benchmarks/data/rl_test_prompts.csv`, other topics than the training prompts) are sampled at
 step 0 and at the end (`rl.eval_prompts`): Tune chooses gamma by the gold RM's score on the validation prompts;
 the arms report on the test prompts. Each phase is one or more Ray Tune experiments (`ray-crm sweep`,
 `sweep.stage=train-rl`): rerunning a phase resumes it, finished trials are not trained again. Seeds are the
@@ -35,6 +35,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
+RESULT = "gr_vs_kl"  # benchmarks/results/<RESULT>.json and docs/img/<RESULT>.png, written by --phase report
 GOLD = "eval/gold_gold_rm_mean"  # the held-out gold RM score, the headline
 COLUMNS = {"gold_final": GOLD, "lexicon_final": "eval/gold_vader_mean", "proxy_final": "eval/reward_mean",
            "kl_final": "policy/kl_to_initial", "tokens_final": "eval/response_tokens_mean",
@@ -156,7 +157,7 @@ def main() -> None:
 
     if args.phase == "tune":
         grid = ", ".join(f"{g:g}" for g in args.gammas)
-        summary = sweep(f"{args.prefix}_tune", [*base_overrides(args, proxies["bt"], "rl_validation_prompts.jsonl"),
+        summary = sweep(f"{args.prefix}_tune", [*base_overrides(args, proxies["bt"], "rl_validation_prompts.csv"),
                                                 "rl.regularizer=gr"], f"{{rl.gr_gamma: {{grid: [{grid}]}}}}")
         print("chosen on validation prompts:", summary["chosen"])
         return
@@ -166,16 +167,16 @@ def main() -> None:
         seeds = ", ".join(map(str, args.seeds))
         for arm, (kind, overrides) in chosen.items():
             print(f"== {arm}", flush=True)
-            sweep(f"{args.prefix}_{arm}", [*base_overrides(args, proxies[kind], "rl_test_prompts.jsonl"), *overrides],
+            sweep(f"{args.prefix}_{arm}", [*base_overrides(args, proxies[kind], "rl_test_prompts.csv"), *overrides],
                   f"{{rollout.seed: {{grid: [{seeds}]}}}}")
         return
     curves = {arm: runs(args.prefix, arm) for arm in chosen}
     result = {"command": "python benchmarks/gr_vs_kl.py " + " ".join(sys.argv[1:]), "steps": args.steps,
               "gamma": gamma, "gold": "held-out test prompts, gold RM (configs/gold_rm.yaml); lexicon beside",
               "arms": {arm: summarize(per_seed) for arm, per_seed in curves.items() if per_seed}}
-    out = ROOT / "benchmarks" / "results" / "gr_vs_kl.json"
+    out = ROOT / "benchmarks" / "results" / f"{RESULT}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    plot({a: c for a, c in curves.items() if c}, ROOT / "docs" / "img" / "gr_vs_kl.png")
+    plot({a: c for a, c in curves.items() if c}, ROOT / "docs" / "img" / f"{RESULT}.png")
     print("| arm | seeds | held-out gold RM | lexicon | proxy | KL | tokens |\n|---|---|---|---|---|---|---|")
     for arm, r in result["arms"].items():
         print(f"| {arm} | {len(r['seeds'])} | {r['gold_final_mean']:.3f} +- {r['gold_final_se']:.3f} | "
