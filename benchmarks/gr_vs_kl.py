@@ -53,6 +53,7 @@ def base_overrides(args: argparse.Namespace, proxy: str, prompts: str) -> list[s
     gold = exported("outputs/gold_rm/train-rm/*/export/merged", "run `python benchmarks/gold_rm.py` first")
     return [f"output_dir={ROOT / 'outputs'}", f"reward.model={proxy}", f"rl.steps={args.steps}",
             f"reward.gold=[{{name: vader, kind: vader}}, {{name: gold_rm, kind: reward_model, model: {gold}}}]",
+            "reward.cpus_per_actor=0.15",  # proxy + two gold scorers, engine and learner within the 2 CPUs
             f"rl.eval_prompts=[{DATA / prompts}]", f"rl.eval_samples={args.eval_samples}",
             "sweep.stage=train-rl", f"sweep.metric={GOLD}", "sweep.bias_metric=response_tokens_mean"]
 
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.2], help="KL arms' rl.kl_beta")
     parser.add_argument("--periods", type=int, nargs="+", default=[5, 10], help="reset arms' rl.reset_every")
     parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--arms", nargs="+", help="arms: run only these (names as in the report); default all")
     parser.add_argument("--prefix", default="gvk")
     args = parser.parse_args()
     proxies = {kind: exported(f"outputs/demo/train-rm/demo-{kind}-*/export", "run `make demo` first")
@@ -163,9 +165,14 @@ def main() -> None:
         return
     gamma = args.gamma if args.gamma is not None else chosen_gamma(args.prefix)
     chosen = arms(args, gamma)
+    unknown = set(args.arms or ()) - set(chosen)
+    if unknown:
+        sys.exit(f"unknown arms {sorted(unknown)}; the arms are {list(chosen)}")
     if args.phase == "arms":
         seeds = ", ".join(map(str, args.seeds))
         for arm, (kind, overrides) in chosen.items():
+            if args.arms and arm not in args.arms:
+                continue
             print(f"== {arm}", flush=True)
             sweep(f"{args.prefix}_{arm}", [*base_overrides(args, proxies[kind], "rl_test_prompts.csv"), *overrides],
                   f"{{rollout.seed: {{grid: [{seeds}]}}}}")

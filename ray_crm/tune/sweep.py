@@ -87,6 +87,21 @@ def _trial_resources(cfg: Config):
     return tune.PlacementGroupFactory(trial_bundles(cfg))
 
 
+def check_trial_fits(cfg: Config, cluster_cpus: float) -> None:
+    """Refuse a train-rl trial larger than a cluster that cannot grow (a local one): Tune would keep it pending
+    forever with a warning."""
+    if cfg.sweep.stage != "train-rl":
+        return
+    from ray_crm.rl.grpo_trainer import trial_bundles
+
+    need = sum(bundle["CPU"] for bundle in trial_bundles(cfg))
+    if need > cluster_cpus:
+        raise ConfigError(
+            f"a train-rl trial reserves {need:g} CPUs (rollout.engines x rollout.cpus_per_engine, each reward and gold "
+            f"scorer's reward.cpus_per_actor, rl.num_workers x rl.learner_cpus, 0.01 for the trial) and this local "
+            f"cluster has {cluster_cpus:g}: lower one of those or raise ray.num_cpus")
+
+
 def param_space(cfg: Config) -> dict[str, Any]:
     from ray import tune
 
@@ -237,10 +252,15 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     """Run (or with `sweep.resume=true`, continue) the sweep; write the table, the front and the chosen YAML."""
     from ray import tune
 
-    from ray_crm.runtime import init_ray
+    from ray_crm.runtime import init_ray, starts_local_cluster
 
     check_space(cfg)
+    local = starts_local_cluster(cfg.ray)
     init_ray(cfg.ray)
+    if local:
+        import ray
+
+        check_trial_fits(cfg, ray.cluster_resources().get("CPU", 0.0))
     out = cfg.stage_dir("sweep")
     path = out / "tune" / cfg.name
     base = cfg.model_dump(mode="json")

@@ -316,3 +316,14 @@ def test_held_out_evaluation_settings_need_held_out_prompts_and_do_not_block_a_r
                              "reward.gold=[{name: vader, kind: vader}]"])
     assert {"eval/gold_vader_mean", "eval/reward_mean"} <= reported_metric_names(cfg)  # a sweep may choose by them
     assert {"rl.eval_prompts", "rl.eval_every", "rl.eval_samples"} <= RESUMABLE_KEYS
+
+
+def test_an_rl_trial_larger_than_the_local_cluster_is_refused_naming_the_knobs():
+    from ray_crm.tune.sweep import check_trial_fits
+
+    rl = ["sweep.stage=train-rl", "reward.model=some-rm", "rollout.cpus_per_engine=1.0", "rl.learner_cpus=0.5",
+          "reward.gold=[{name: vader, kind: vader}, {name: gold_rm, kind: reward_model, model: other-rm}]"]
+    with pytest.raises(ConfigError, match=r"reserves 2.26 CPUs .*reward.cpus_per_actor.* cluster has 2"):
+        check_trial_fits(load_config(None, [*rl, "reward.cpus_per_actor=0.25"]), 2.0)
+    check_trial_fits(load_config(None, [*rl, "reward.cpus_per_actor=0.15"]), 2.0)
+    check_trial_fits(load_config(None, [*rl, "reward.cpus_per_actor=0.25"]), 4.0)
