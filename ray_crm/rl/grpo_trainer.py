@@ -205,8 +205,11 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
             _sync(learner, pool, dtype, start, cfg)
         row: dict[str, Any] = {}
         monitor, history, stopped = TrainingZ.beside(cfg.reward.model), [], None
+        # every report to a sweep carries the latest held-out evaluation (Tune wants its metric in each result)
+        evaluated = _last_evaluation(log.path) if start else {}
         if held_out and start == 0:  # the initial policy on the held-out prompts: what the run is measured from
-            log.write(0, _evaluate(pool, rewards, held_out, cfg))
+            evaluated = _evaluate(pool, rewards, held_out, cfg)
+            log.write(0, evaluated)
         for step in range(start, rl.steps):
             chosen = [prompts[order[(step * rl.prompts_per_step + i) % len(prompts)]]
                       for i in range(rl.prompts_per_step)]
@@ -252,7 +255,8 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                 "time/sync_s": synced.seconds if synced else 0.0,
             }
             if held_out and ((rl.eval_every and (step + 1) % rl.eval_every == 0) or step + 1 == rl.steps):
-                row.update(_evaluate(pool, rewards, held_out, cfg))
+                evaluated = _evaluate(pool, rewards, held_out, cfg)
+                row.update(evaluated)
             fired = _watch(monitor, history, step + 1, row, [(r.prompt, c.text) for r, c in flat], cfg)
             row["alarms"] = ",".join(a.rule for a in fired)
             log.write(step + 1, row)
@@ -260,7 +264,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                 with open(out / "alarms.jsonl", "a") as fh:
                     fh.writelines(json.dumps(dataclasses.asdict(a)) + "\n" for a in fired)
             if report is not None:
-                report({"step": step + 1, **row})
+                report({"step": step + 1, **{k: v for k, v in evaluated.items() if k.startswith("eval/")}, **row})
             samples.writelines(json.dumps({"step": step + 1, "prompt": r.prompt, "response": r.completions[0].text})
                                + "\n" for r in rollouts)
             samples.flush()
@@ -312,6 +316,16 @@ def _evaluate(pool: RolloutPool, rewards: RewardPool, prompts: list[str], cfg: C
     out["eval/finished_fraction"] = sum(c.finish_reason == "stop" for _, c in flat) / len(flat)
     out["time/eval_s"] = time.perf_counter() - t0
     return out
+
+
+def _last_evaluation(log: Path) -> dict[str, float]:
+    """The latest value of every `eval/` column of a run's `rl.csv` (a resumed run reports them until its next
+    evaluation)."""
+    if not log.is_file():
+        return {}
+    frame = pd.read_csv(log)
+    return {c: float(frame[c].dropna().iloc[-1]) for c in frame.columns
+            if c.startswith("eval/") and frame[c].notna().any()}
 
 
 def _watch(monitor: TrainingZ | None, history: list[dict[str, float]], step: int, row: dict[str, Any],

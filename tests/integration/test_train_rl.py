@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -112,15 +113,22 @@ def test_a_tune_sweep_of_gr_gamma_runs_rl_trials_and_picks_one(ray_local, tmp_pa
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i love this film"]))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"prompt": "a sentence about the weather"}) + "\n")
     data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps=2).model_dump(mode="json")
-    data["sweep"] = {"stage": "train-rl", "metric": "gold_vader_mean", "bias_metric": "response_tokens_mean",
+    data["rl"].update({"eval_prompts": [str(held_out)], "eval_samples": 2})
+    # ranked by the held-out score, which only the initial and the last steps measure: every report carries
+    # the latest one (Tune refuses a result without its metric)
+    data["sweep"] = {"stage": "train-rl", "metric": "eval/gold_vader_mean", "bias_metric": "response_tokens_mean",
                      "space": {"rl.gr_gamma": {"grid": [0.0, 0.1]}}}
     summary = run_sweep(validate(data))
     assert summary["trials"] == 2 and summary["errors"] == 0
-    table = (tmp_path / "out" / "rl" / "sweep" / "results.csv").read_text().splitlines()
-    assert len(table) == 3 and "rl.gr_gamma" in table[0] and "gold_vader_mean" in table[0]
+    table = pd.read_csv(tmp_path / "out" / "rl" / "sweep" / "results.csv")
+    assert len(table) == 2 and "rl.gr_gamma" in table.columns
     trial_logs = sorted((tmp_path / "out").glob("rl-*/train-rl/rl.csv"))
-    assert len(trial_logs) == 2 and all(len(_rows(p)) == 2 for p in trial_logs)
+    assert len(trial_logs) == 2 and all([r["step"] for r in _rows(p)] == ["0", "1", "2"] for p in trial_logs)
+    finals = sorted(float(_rows(p)[-1]["eval/gold_vader_mean"]) for p in trial_logs)
+    assert sorted(table["eval/gold_vader_mean"]) == pytest.approx(finals)  # the last evaluation ranks the trials
     assert summary["chosen"]["rl.gr_gamma"] in (0.0, 0.1)
 
 
