@@ -8,8 +8,9 @@ measured on this stack:
 - chunked prefill is off (per-request seeds crash with it) and the batched-token budget raised to match;
 - the KV cache is an explicit size (`kv_cache_gib`), and nothing is written under the home directory;
 - torch.compile stays on (`enforce_eager=False`): start-up goes from ~10 s to ~90 s the first time (the
-  compiled graphs are cached under `VLLM_CACHE_ROOT`), and in-place reloads still reach the compiled model
-  (the weights and oneDNN handles are graph inputs, not constants: tests/integration/test_rollout.py).
+  compiled graphs are cached under `VLLM_CACHE_ROOT`; on CPU through inductor's cache, as vLLM's AOT artifact
+  fails to load back there), and in-place reloads still reach the compiled model (the weights and oneDNN
+  handles are graph inputs, not constants: tests/integration/test_rollout.py).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def engine_env(cfg: RolloutConfig, cache_dir: Path) -> dict[str, str]:
     }
     if cfg.use_gpu and cfg.tensor_parallel_size > 1:
         env["VLLM_RAY_PER_WORKER_GPUS"] = str(cfg.gpu_fraction)
+    if not cfg.use_gpu:
+        # vLLM's AOT-compiled artifact cannot be loaded back on the CPU backend ("'function' object has no
+        # attribute 'finalize_loading'"), so every start compiled again; its inductor cache loads
+        env["VLLM_USE_AOT_COMPILE"] = "0"
     return env
 
 

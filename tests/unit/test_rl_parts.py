@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from ray_crm.config import RolloutConfig
 from ray_crm.rl.supervision import contiguous_slices
-from ray_crm.rl.vllm_engine import Sampling, engine_args, render_prompt, request_seeds
+from ray_crm.rl.vllm_engine import Sampling, engine_args, engine_env, render_prompt, request_seeds
 from ray_crm.rl.weights import pack_state_dict, policy_state_dict
 
 
@@ -147,6 +149,9 @@ def test_engine_args_cpu_vs_gpu():
     gpu = engine_args("m", RolloutConfig(use_gpu=True, tensor_parallel_size=2, dtype="bf16"))
     assert gpu["weight_transfer_config"] == {"backend": "nccl"} and gpu["distributed_executor_backend"] == "ray"
     assert gpu["dtype"] == "bfloat16" and "kv_cache_memory_bytes" not in gpu
+    # a CPU engine compiles through inductor's cache: vLLM's AOT artifact fails to load back there
+    assert engine_env(RolloutConfig(), Path("c"))["VLLM_USE_AOT_COMPILE"] == "0"
+    assert "VLLM_USE_AOT_COMPILE" not in engine_env(RolloutConfig(use_gpu=True), Path("c"))
 
 
 def test_render_prompt_applies_the_chat_template(tiny_llama_dir):
