@@ -59,12 +59,11 @@ def base_overrides(args: argparse.Namespace, proxy: str, prompts: str) -> list[s
 
 
 def arms(args: argparse.Namespace, gamma: float) -> dict[str, tuple[str, list[str]]]:
-    """Arm name -> (which demo RM is the proxy, its overrides)."""
-    out = {"none": ("bt", ["rl.regularizer=none"])}
+    """Arm name -> (which demo RM is the proxy, its overrides), in the order they run."""
+    out = {"none": ("bt", ["rl.regularizer=none"]), f"gr_{gamma:g}": ("bt", ["rl.regularizer=gr", f"rl.gr_gamma={gamma}"])}
     out |= {f"kl_{b:g}": ("bt", ["rl.regularizer=kl", f"rl.kl_beta={b}"]) for b in args.betas}
     out |= {f"reset_{p}": ("bt", ["rl.regularizer=reset", f"rl.kl_beta={args.betas[0]}", f"rl.reset_every={p}"])
             for p in args.periods}
-    out[f"gr_{gamma:g}"] = ("bt", ["rl.regularizer=gr", f"rl.gr_gamma={gamma}"])
     out["crm_none"] = ("crm", ["rl.regularizer=none"])
     out[f"crm_gr_{gamma:g}"] = ("crm", ["rl.regularizer=gr", f"rl.gr_gamma={gamma}"])
     return out
