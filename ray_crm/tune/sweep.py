@@ -203,10 +203,12 @@ def results_table(grid, cfg: Config):
     """One row per trial: its swept values, final metrics and status."""
     import pandas as pd
 
-    rows = []
+    rows, errors = [], []
     for result in grid:
         metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
         row = {"trial": Path(result.path).name, "status": "ERROR" if result.error else "DONE"}
+        if result.error:
+            errors.append(f"{row['trial']}: {str(result.error).strip().splitlines()[-1]}")
         row.update({k: result.config.get(k) for k in cfg.sweep.space})
         for key in (cfg.sweep.metric, cfg.sweep.bias_metric, "val_bt_loss", "step", "model"):
             row[key] = metrics.get(key, np.nan)
@@ -216,6 +218,9 @@ def results_table(grid, cfg: Config):
     sign = lambda mode: 1.0 if mode == "max" else -1.0
     acc = sign(cfg.sweep.mode) * table[cfg.sweep.metric].astype(float).to_numpy()
     bias = -sign(cfg.sweep.bias_mode) * table[cfg.sweep.bias_metric].astype(float).to_numpy()
+    if (np.isnan(acc) | np.isnan(bias)).all():
+        raise RuntimeError(f"no trial of sweep '{cfg.name}' reported {cfg.sweep.metric} and {cfg.sweep.bias_metric}"
+                           + (f"; {len(errors)} failed: " + "; ".join(errors) if errors else ""))
     table["pareto"] = pareto_front(acc, bias)
     chosen = pick(acc, bias, cfg.sweep.max_accuracy_drop)
     table["chosen"] = np.arange(len(table)) == chosen

@@ -327,3 +327,21 @@ def test_an_rl_trial_larger_than_the_local_cluster_is_refused_naming_the_knobs()
         check_trial_fits(load_config(None, [*rl, "reward.cpus_per_actor=0.25"]), 2.0)
     check_trial_fits(load_config(None, [*rl, "reward.cpus_per_actor=0.15"]), 2.0)
     check_trial_fits(load_config(None, [*rl, "reward.cpus_per_actor=0.25"]), 4.0)
+
+
+def test_a_sweep_whose_trials_all_failed_says_why_each_failed():
+    from types import SimpleNamespace
+
+    from ray_crm.tune.sweep import results_table
+
+    cfg = load_config(None, ["loss.type=crm", "sweep.space={loss.lambda_mmd: {grid: [1.0, 3.0]}}"])
+    grid = [SimpleNamespace(metrics={"step": 0}, path=f"/runs/trial_{i}", config={"loss.lambda_mmd": lam},
+                            error=RuntimeError(f"Traceback ...\nActorCallError: rollout-0 did not start within {i} s"))
+            for i, lam in enumerate([1.0, 3.0])]
+    with pytest.raises(RuntimeError, match=r"no trial .* reported val_accuracy .*2 failed: trial_0: .*within 0 s; "
+                                           r"trial_1: ActorCallError: rollout-0 did not start within 1 s"):
+        results_table(grid, cfg)
+    grid[1] = SimpleNamespace(metrics={"val_accuracy": 0.8, cfg.sweep.bias_metric: 0.1}, path="/runs/trial_1",
+                              config={"loss.lambda_mmd": 3.0}, error=None)
+    table, chosen = results_table(grid, cfg)
+    assert chosen == 1 and list(table["status"]) == ["ERROR", "DONE"]
