@@ -43,14 +43,24 @@ COLUMNS = {"gold_final": GOLD, "lexicon_final": "eval/gold_vader_mean", "proxy_f
 
 
 def exported(pattern: str, hint: str) -> str:
-    found = sorted(ROOT.glob(pattern))
+    """The newest export matching `pattern`."""
+    found = list(ROOT.glob(pattern))
     if not found:
         sys.exit(f"nothing matches {pattern}: {hint}")
-    return str(found[-1])
+    return str(max(found, key=lambda p: p.stat().st_mtime))
+
+
+def gold_model() -> str:
+    """The gold RM that `benchmarks/gold_rm.py` measured (its result names the export)."""
+    result = ROOT / "benchmarks" / "results" / "gold_rm.json"
+    model = json.loads(result.read_text())["model"] if result.is_file() else ""
+    if not Path(model).is_dir():
+        sys.exit(f"no gold RM export at {model!r} (from {result}): run `python benchmarks/gold_rm.py` first")
+    return model
 
 
 def base_overrides(args: argparse.Namespace, proxy: str, prompts: str) -> list[str]:
-    gold = exported("outputs/gold_rm/train-rm/*/export/merged", "run `python benchmarks/gold_rm.py` first")
+    gold = gold_model()
     return [f"output_dir={ROOT / 'outputs'}", f"reward.model={proxy}", f"rl.steps={args.steps}",
             f"reward.gold=[{{name: vader, kind: vader}}, {{name: gold_rm, kind: reward_model, model: {gold}}}]",
             "reward.cpus_per_actor=0.15",  # proxy + two gold scorers, engine and learner within the 2 CPUs
