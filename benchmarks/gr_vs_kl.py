@@ -19,7 +19,8 @@ rollout seeds (`rollout.seed`; the LoRA adapter starts at the base policy whatev
 Arms: `none`; `kl_<beta>` (k3 KL to the initial policy); `reset_<period>` (KL to a reference renewed every
 period steps); `gr_<gamma>` (gamma from the tune phase, or `--gamma`); `crm_none` and `crm_gr_<gamma>` (the
 causal RM as proxy). Report per arm: the seeds' final held-out gold and proxy scores (mean, standard error),
-KL to the initial policy and response length, and curves (proxy and gold against step and against KL).
+KL to the initial policy and response length, and curves (proxy and gold against step, gold against KL: the
+training rollouts' scores, measured every step).
 """
 
 from __future__ import annotations
@@ -137,10 +138,10 @@ def plot(curves: dict[str, list[tuple[int, pd.DataFrame]]], path: Path) -> None:
             axes[0].plot(log["step"], log["reward_mean"], color=color, alpha=0.7, label=label)
             axes[1].plot(log["step"], log["gold_gold_rm_mean"], color=color, alpha=0.7)
             axes[2].plot(log["step"], log["response_tokens_mean"], color=color, alpha=0.7)
-            final = log.dropna(subset=[GOLD, "policy/kl_to_initial"])
-            axes[3].scatter(final["policy/kl_to_initial"], final[GOLD], color=color, s=18)
+            steps = log.dropna(subset=["gold_gold_rm_mean", "policy/kl_to_initial"])
+            axes[3].plot(steps["policy/kl_to_initial"], steps["gold_gold_rm_mean"], color=color, alpha=0.7)
     for ax, title in zip(axes, ("proxy reward (training prompts)", "gold RM (training prompts)",
-                                "response tokens", "held-out gold RM vs KL to the initial policy"), strict=True):
+                                "response tokens", "gold RM vs KL to the initial policy"), strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step" if "vs KL" not in title else "KL (k3, per token)")
     axes[0].legend(fontsize=7)
