@@ -7,7 +7,9 @@ regularizer, gold-scored by a learned reward model, GR's strength chosen by Ray 
     python benchmarks/gr_vs_kl.py --phase report    # -> the result JSON and plot (RESULT, below)
 
 Every run is `ray-crm train-rl` with `configs/rl_length.yaml` (SmolLM2-135M + LoRA, Dr.GRPO, the VADER task's
-four training prompts) for `--steps` steps, against the demo's length-biased RM (the proxy) or its causal RM
+four training prompts) for `--steps` steps of `--prompts-per-step` prompts x 8 samples (16 x 16 by default, the
+size of the demo's runs, which show the length drift: a GR step then takes ~28 s on the 2-core box, a run ~8
+minutes), against the demo's length-biased RM (the proxy) or its causal RM
 (`crm_*` arms), with two gold scorers that are never trained on: the gold RM of `configs/gold_rm.yaml` (another
 backbone, clean pairs, off-topic praise loses) and the VADER lexicon. Held-out prompts
 (`benchmarks/data/rl_validation_prompts.csv`, `benchmarks/data/rl_test_prompts.csv`, other topics than the training prompts) are sampled at
@@ -63,6 +65,7 @@ def gold_model() -> str:
 def base_overrides(args: argparse.Namespace, proxy: str, prompts: str) -> list[str]:
     gold = gold_model()
     return [f"output_dir={ROOT / 'outputs'}", f"reward.model={proxy}", f"rl.steps={args.steps}",
+            f"rl.prompts_per_step={args.prompts_per_step}",
             f"reward.gold=[{{name: vader, kind: vader}}, {{name: gold_rm, kind: reward_model, model: {gold}}}]",
             "reward.cpus_per_actor=0.15",  # proxy + two gold scorers, engine and learner within the 2 CPUs
             f"rl.eval_prompts=[{DATA / prompts}]", f"rl.eval_samples={args.eval_samples}",
@@ -154,7 +157,8 @@ def plot(curves: dict[str, list[tuple[int, pd.DataFrame]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=["tune", "arms", "report"], required=True)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--prompts-per-step", type=int, default=2, help="each sampled rollout.n_samples=8 times")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="tune: the GR grid")
     parser.add_argument("--gamma", type=float, help="arms: GR's gamma (default: the tune phase's choice)")
