@@ -164,7 +164,10 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, help="arms: GR's gamma (default: the tune phase's choice)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.2], help="KL arms' rl.kl_beta")
     parser.add_argument("--periods", type=int, nargs="+", default=[5, 10], help="reset arms' rl.reset_every")
-    parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--eval-samples", type=int, default=16,
+                        help="samples per held-out prompt: the held-out means rank the arms, so they must not be "
+                             "noisier than the arms differ (16-sample means of the training rollouts swing by ~1 gold "
+                             "RM unit from step to step)")
     parser.add_argument("--arms", nargs="+", help="arms: run only these (names as in the report); default all")
     parser.add_argument("--prefix", default="gvk")
     args = parser.parse_args()
