@@ -197,7 +197,8 @@ def main() -> None:
     curves = {arm: runs(args.prefix, arm) for arm in chosen}
     result = {"command": "python benchmarks/gr_vs_kl.py " + " ".join(sys.argv[1:]), "steps": args.steps,
               "gamma": gamma, "gold": "held-out test prompts, gold RM (configs/gold_rm.yaml); lexicon beside",
-              "arms": {arm: summarize(per_seed) for arm, per_seed in curves.items() if per_seed}}
+              "arms": {arm: summarize(per_seed) for arm, per_seed in curves.items() if per_seed},
+              "arms_not_run": [arm for arm, per_seed in curves.items() if len(per_seed) < len(args.seeds)]}
     out = ROOT / "benchmarks" / "results" / f"{RESULT}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot({a: c for a, c in curves.items() if c}, ROOT / "docs" / "img" / f"{RESULT}.png")
