@@ -210,7 +210,8 @@ def results_table(grid, cfg: Config):
         if result.error:
             errors.append(f"{row['trial']}: {str(result.error).strip().splitlines()[-1]}")
         row.update({k: result.config.get(k) for k in cfg.sweep.space})
-        for key in (cfg.sweep.metric, cfg.sweep.bias_metric, "val_bt_loss", "step", "model"):
+        extra = ("step",) if cfg.sweep.stage == "train-rl" else ("val_bt_loss", "step", "model")
+        for key in (cfg.sweep.metric, cfg.sweep.bias_metric, *extra):
             row[key] = metrics.get(key, np.nan)
         rows.append(row)
     table = pd.DataFrame(rows).drop(columns=[c for c in _HIDDEN if c in rows[0]], errors="ignore")
