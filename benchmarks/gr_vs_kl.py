@@ -117,13 +117,15 @@ def summarize(per_seed: list[tuple[int, pd.DataFrame]]) -> dict:
     """Per arm: the seeds, and each final figure's per-seed values, mean and standard error."""
     out: dict = {"seeds": [s for s, _ in per_seed]}
     for key, column in COLUMNS.items():
-        values = []
-        for _, log in per_seed:
-            filled = log[column].dropna() if column in log.columns else pd.Series(dtype=float)
-            values.append(float(filled.iloc[-1]) if len(filled) else math.nan)
-        out[f"{key}_values"] = values
-        out[f"{key}_mean"] = statistics.fmean(values) if values else math.nan
-        out[f"{key}_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+        # `*_final`: the last value; for the held-out figures also the initial policy's (`*_initial`, step 0)
+        for name, row in ((key, -1), *([(key.replace("final", "initial"), 0)] if column.startswith("eval/") else [])):
+            values = []
+            for _, log in per_seed:
+                filled = log[column].dropna() if column in log.columns else pd.Series(dtype=float)
+                values.append(float(filled.iloc[row]) if len(filled) else math.nan)
+            out[f"{name}_values"] = values
+            out[f"{name}_mean"] = statistics.fmean(values) if values else math.nan
+            out[f"{name}_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return out
 
 
