@@ -39,6 +39,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
 RESULT = "gr_vs_kl"  # benchmarks/results/<RESULT>.json and docs/img/<RESULT>.png, written by --phase report
+TRAINING_PROMPTS = 4  # the VADER task's
 GOLD = "eval/gold_gold_rm_mean"  # the held-out gold RM score, the headline
 COLUMNS = {"gold_final": GOLD, "lexicon_final": "eval/gold_vader_mean", "proxy_final": "eval/reward_mean",
            "kl_final": "policy/kl_to_initial", "tokens_final": "eval/response_tokens_mean",
@@ -129,7 +130,9 @@ def summarize(per_seed: list[tuple[int, pd.DataFrame]]) -> dict:
     return out
 
 
-def plot(curves: dict[str, list[tuple[int, pd.DataFrame]]], path: Path) -> None:
+def plot(curves: dict[str, list[tuple[int, pd.DataFrame]]], window: int, path: Path) -> None:
+    """Training-rollout figures as means over `window` steps (the steps that cover every training prompt once:
+    the gold RM's scale differs by prompt), and the held-out gold of each seed's final policy against its KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,14 +142,18 @@ def plot(curves: dict[str, list[tuple[int, pd.DataFrame]]], path: Path) -> None:
     for i, (arm, per_seed) in enumerate(curves.items()):
         color = f"C{i % 10}"
         for j, (_, log) in enumerate(per_seed):
-            label = arm if j == 0 else None
-            axes[0].plot(log["step"], log["reward_mean"], color=color, alpha=0.7, label=label)
-            axes[1].plot(log["step"], log["gold_gold_rm_mean"], color=color, alpha=0.7)
-            axes[2].plot(log["step"], log["response_tokens_mean"], color=color, alpha=0.7)
-            steps = log.dropna(subset=["gold_gold_rm_mean", "policy/kl_to_initial"])
-            axes[3].plot(steps["policy/kl_to_initial"], steps["gold_gold_rm_mean"], color=color, alpha=0.7)
-    for ax, title in zip(axes, ("proxy reward (training prompts)", "gold RM (training prompts)",
-                                "response tokens", "gold RM vs KL to the initial policy"), strict=True):
+            steps = log.dropna(subset=["reward_mean"]).set_index("step")
+            smooth = steps[["reward_mean", "gold_gold_rm_mean", "response_tokens_mean", "policy/kl_to_initial"]]
+            smooth = smooth.rolling(window).mean().dropna()
+            axes[0].plot(smooth.index, smooth["reward_mean"], color=color, alpha=0.7, label=arm if j == 0 else None)
+            axes[1].plot(smooth.index, smooth["gold_gold_rm_mean"], color=color, alpha=0.7)
+            axes[2].plot(smooth.index, smooth["response_tokens_mean"], color=color, alpha=0.7)
+            axes[3].plot(smooth["policy/kl_to_initial"], smooth["gold_gold_rm_mean"], color=color, alpha=0.5)
+            final = log.dropna(subset=[GOLD]).iloc[-1]
+            axes[3].scatter(log["policy/kl_to_initial"].dropna().iloc[-1], final[GOLD], color=color, marker="*", s=90)
+    titles = (f"proxy reward (training prompts, {window}-step mean)", "gold RM (training prompts)", "response tokens",
+              "gold RM vs KL to the initial policy (star: held-out, final)")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step" if "vs KL" not in title else "KL (k3, per token)")
     axes[0].legend(fontsize=7)
@@ -203,7 +210,8 @@ def main() -> None:
               "arms_not_run": [arm for arm, per_seed in curves.items() if len(per_seed) < len(args.seeds)]}
     out = ROOT / "benchmarks" / "results" / f"{RESULT}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    plot({a: c for a, c in curves.items() if c}, ROOT / "docs" / "img" / f"{RESULT}.png")
+    window = math.ceil(TRAINING_PROMPTS / args.prompts_per_step)
+    plot({a: c for a, c in curves.items() if c}, window, ROOT / "docs" / "img" / f"{RESULT}.png")
     print("| arm | seeds | held-out gold RM | lexicon | proxy | KL | tokens |\n|---|---|---|---|---|---|---|")
     for arm, r in result["arms"].items():
         print(f"| {arm} | {len(r['seeds'])} | {r['gold_final_mean']:.3f} +- {r['gold_final_se']:.3f} | "
