@@ -8,8 +8,8 @@ regularizer, gold-scored by a learned reward model, GR's strength chosen by Ray 
 
 Every run is `ray-crm train-rl` with `configs/rl_length.yaml` (SmolLM2-135M + LoRA, Dr.GRPO, the VADER task's
 four training prompts) for `--steps` steps of `--prompts-per-step` prompts x 8 samples (16 x 16 by default, the
-size of the demo's runs, which show the length drift: a GR step then takes ~28 s on the 2-core box, a run ~8
-minutes), against the demo's length-biased RM (the proxy) or its causal RM
+size of the demo's runs, which show the length drift: a GR step then takes ~31 s on the 2-core box, a run ~10
+minutes with its two held-out evaluations), against the demo's length-biased RM (the proxy) or its causal RM
 (`crm_*` arms), with two gold scorers that are never trained on: the gold RM of `configs/gold_rm.yaml` (another
 backbone, clean pairs, off-topic praise loses) and the VADER lexicon. Held-out prompts
 (`benchmarks/data/rl_validation_prompts.csv`, `benchmarks/data/rl_test_prompts.csv`, other topics than the training prompts) are sampled at
