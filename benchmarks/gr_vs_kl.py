@@ -44,6 +44,9 @@ GOLD = "eval/gold_gold_rm_mean"  # the held-out gold RM score, the headline
 COLUMNS = {"gold_final": GOLD, "lexicon_final": "eval/gold_vader_mean", "proxy_final": "eval/reward_mean",
            "kl_final": "policy/kl_to_initial", "tokens_final": "eval/response_tokens_mean",
            "eos_final": "eval/finished_fraction"}
+# (name, column, row): every final figure, and for the held-out ones the initial policy's (step 0) beside it
+FIGURES = [(key, column, -1) for key, column in COLUMNS.items()] + [
+    (key.replace("final", "initial"), column, 0) for key, column in COLUMNS.items() if column.startswith("eval/")]
 
 
 def exported(pattern: str, hint: str) -> str:
@@ -117,16 +120,14 @@ def runs(prefix: str, arm: str) -> list[tuple[int, pd.DataFrame]]:
 def summarize(per_seed: list[tuple[int, pd.DataFrame]]) -> dict:
     """Per arm: the seeds, and each final figure's per-seed values, mean and standard error."""
     out: dict = {"seeds": [s for s, _ in per_seed]}
-    for key, column in COLUMNS.items():
-        # `*_final`: the last value; for the held-out figures also the initial policy's (`*_initial`, step 0)
-        for name, row in ((key, -1), *([(key.replace("final", "initial"), 0)] if column.startswith("eval/") else [])):
-            values = []
-            for _, log in per_seed:
-                filled = log[column].dropna() if column in log.columns else pd.Series(dtype=float)
-                values.append(float(filled.iloc[row]) if len(filled) else math.nan)
-            out[f"{name}_values"] = values
-            out[f"{name}_mean"] = statistics.fmean(values) if values else math.nan
-            out[f"{name}_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    for name, column, row in FIGURES:
+        values = []
+        for _, log in per_seed:
+            filled = log[column].dropna() if column in log.columns else pd.Series(dtype=float)
+            values.append(float(filled.iloc[row]) if len(filled) else math.nan)
+        out[f"{name}_values"] = values
+        out[f"{name}_mean"] = statistics.fmean(values) if values else math.nan
+        out[f"{name}_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return out
 
 

@@ -155,6 +155,11 @@ def trial_bundles(cfg: Config) -> list[dict[str, float]]:
     return [{"CPU": 0.01}, {"CPU": round(cpus, 4), **({"GPU": float(rl.num_workers)} if rl.use_gpu else {})}]
 
 
+def reserved_cpus(cfg: Config) -> float:
+    """All the CPUs one run reserves (every bundle of `trial_bundles`)."""
+    return sum(bundle.get("CPU", 0.0) for bundle in trial_bundles(cfg))
+
+
 def reported_metric_names(cfg: Config) -> set[str]:
     """The scalar columns of `rl.csv` a sweep may rank trials by (besides the learner's own statistics)."""
     names = {f"{REWARD_KEY}_mean", "reward_std", "response_tokens_mean", "finished_fraction", "policy/loss",
@@ -185,7 +190,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
     prompts = load_prompts(rl.prompts, rl.prompt_column, out / "quarantine.jsonl")
     held_out = load_prompts(rl.eval_prompts, rl.prompt_column, out / "eval_quarantine.jsonl") if rl.eval_prompts else []
     init_ray(cfg.ray)
-    need, have = sum(b.get("CPU", 0.0) for b in trial_bundles(cfg)), ray.cluster_resources().get("CPU", 0.0)
+    need, have = reserved_cpus(cfg), ray.cluster_resources().get("CPU", 0.0)
     if need > have:
         logger.warning("train-rl reserves %.2f CPUs (rollout, reward, gold and learner actors) and the cluster has "
                        "%.2f: some actors will wait for more nodes (lower *.cpus_per_* on a small machine)", need, have)

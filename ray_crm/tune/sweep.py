@@ -92,9 +92,9 @@ def check_trial_fits(cfg: Config, cluster_cpus: float) -> None:
     forever with a warning."""
     if cfg.sweep.stage != "train-rl":
         return
-    from ray_crm.rl.grpo_trainer import trial_bundles
+    from ray_crm.rl.grpo_trainer import reserved_cpus
 
-    need = sum(bundle["CPU"] for bundle in trial_bundles(cfg))
+    need = reserved_cpus(cfg)
     if need > cluster_cpus:
         raise ConfigError(
             f"a train-rl trial reserves {need:g} CPUs (rollout.engines x rollout.cpus_per_engine, each reward and gold "
@@ -204,13 +204,13 @@ def results_table(grid, cfg: Config):
     import pandas as pd
 
     rows, errors = [], []
+    extra = ("step",) if cfg.sweep.stage == "train-rl" else ("val_bt_loss", "step", "model")
     for result in grid:
         metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
         row = {"trial": Path(result.path).name, "status": "ERROR" if result.error else "DONE"}
         if result.error:
             errors.append(f"{row['trial']}: {str(result.error).strip().splitlines()[-1]}")
         row.update({k: result.config.get(k) for k in cfg.sweep.space})
-        extra = ("step",) if cfg.sweep.stage == "train-rl" else ("val_bt_loss", "step", "model")
         for key in (cfg.sweep.metric, cfg.sweep.bias_metric, *extra):
             row[key] = metrics.get(key, np.nan)
         rows.append(row)
