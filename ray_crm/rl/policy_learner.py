@@ -8,7 +8,9 @@ ranks step exactly as one would (up to fp32 summation order). A step
 - splits the batch into `rl.minibatches` minibatches (every k-th sequence) and packs the rank's
   (prompt, response) token ids of each into right-padded micro-batches (`pack_sequences`);
 - recomputes the old log-probs with the learner's own weights (verl does the same), so PPO's ratio starts at
-  exactly 1 whatever precision the engines sampled in, and logs their gap to the engines' log-probs;
+  exactly 1 whatever precision the engines sampled in, and logs their gap to the engines' log-probs; when the
+  batch takes a single update (`rl.epochs=1`, `rl.minibatches=1`, no critic) they are the first gradient pass's
+  own log-probs, detached, which saves a forward pass of the policy per step;
 - with `rl.advantage=gae`, scores every token with the critic (`ValueLearner`), builds per-token rewards (the
   sequence's score on its last token, minus `rl.kl_in_reward` x the k1 KL to the initial policy) and runs GAE,
   whitening the advantages over every rank's tokens;
@@ -133,8 +135,11 @@ class Minibatch:
     micro: list[MicroBatch]
     norm: float  # Dr.GRPO's constant: the generation budget times the minibatch's sequences (all ranks)
     tokens: float  # the minibatch's response tokens over all ranks: each micro-batch's share of a token mean
-    old: list[Tensor] = field(default_factory=list)
+    old: list[Tensor] = field(default_factory=list)  # empty until the first gradient pass when it supplies them
     ref: list[Tensor] | None = None
+    initial: list[Tensor] | None = None  # the monitor's: log-probs under the initial policy
+    engine: list[Tensor] = field(default_factory=list)  # the engines' log-probs, laid out like the response mask
+    entropy: list[Tensor] = field(default_factory=list)  # of the rollouts' policy, per token
     advantages: list[Tensor] = field(default_factory=list)
     values: list[Tensor] = field(default_factory=list)
     returns: list[Tensor] = field(default_factory=list)
@@ -165,6 +170,8 @@ class PolicyLearner(DeepSpeedLearner):
         self.initial = (None if not cfg.monitor.kl_to_initial else self.reference if shared else self.snapshot())
         self.critic = (ValueLearner(resolve_model(cfg.critic.model) if cfg.critic.model else model_path, cfg,
                                     self.pad_id, rank, world) if cfg.advantage == "gae" else None)
+        # one update per batch, on-policy: its first gradient pass is at the old weights and yields the old log-probs
+        self.old_from_first_pass = cfg.epochs == 1 and cfg.minibatches == 1 and self.critic is None
         self.step_count = 0
 
     def _logprobs(self, mb: MicroBatch, temperature: float, weights: dict[str, Tensor] | None = None,
@@ -175,7 +182,7 @@ class PolicyLearner(DeepSpeedLearner):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             out = functional_call(self.model, weights, args=(), kwargs=inputs) if weights else self.model(**inputs)
         if entropy is not None:
-            entropy.append(token_entropy(out.logits, temperature).cpu())
+            entropy.append(token_entropy(out.logits.detach(), temperature).cpu())
         return token_logprobs(out.logits, inputs["input_ids"], temperature).cpu()
 
     def step(self, batch: PolicyBatch) -> dict[str, float | str]:
@@ -191,10 +198,7 @@ class PolicyLearner(DeepSpeedLearner):
         timings = dict.fromkeys(("time/learn_grad_s", "time/learn_regularizer_s", "time/learn_step_s"), 0.0)
         if self.critic is not None:
             timings["time/learn_critic_s"] = 0.0  # the critic's values and its updates: PPO's cost over GRPO
-        parts, measured = self._minibatches(batch, timings)
-        tokens = float(sum(map(len, batch.response_ids)))
-        stats = {key: value / max(tokens, 1.0) for key, value in measured.items()}
-        stats["policy/response_tokens"] = tokens
+        parts = self._minibatches(batch, timings)
         sums: dict[str, list[float]] = defaultdict(list)
         updates, reason = 0, ""
         for _ in range(cfg.epochs):
@@ -211,6 +215,9 @@ class PolicyLearner(DeepSpeedLearner):
                 updates += 1
             if reason:
                 break
+        tokens = float(sum(map(len, batch.response_ids)))
+        stats = {key: value / max(tokens, 1.0) for key, value in self._rollout_measures(parts).items()}
+        stats["policy/response_tokens"] = tokens
         stats.update({k: sum(v) / len(v) if k in MEAN_STATS else v[0] for k, v in sums.items()})
         if updates:
             self.step_count += 1
@@ -220,36 +227,29 @@ class PolicyLearner(DeepSpeedLearner):
         return {**stats, **timings, "policy/updates": float(updates), "skipped": float(updates == 0),
                 "skip_reason": reason}
 
-    def _minibatches(self, batch: PolicyBatch, timings: dict[str, float]) -> tuple[list[Minibatch], dict[str, float]]:
-        """This rank's micro-batches of each minibatch with their old and reference log-probs and advantages
-        (GAE's from the critic), and what the rollouts' policy measures, summed over every rank's response
-        tokens: the engine/learner log-prob gap, the entropy and the k3 KL to the initial policy."""
+    def _minibatches(self, batch: PolicyBatch, timings: dict[str, float]) -> list[Minibatch]:
+        """This rank's micro-batches of each minibatch with their old (unless the first gradient pass supplies
+        them), reference and initial log-probs and advantages (GAE's from the critic)."""
         cfg, parts = self.cfg, []
-        sums = torch.zeros(3, dtype=torch.float64)  # gap, entropy, KL to the initial policy
         for k in range(cfg.minibatches):
             whole = shard(batch, k, cfg.minibatches)
             mine = shard(whole, self.rank, self.world)
             part = Minibatch(pack_sequences(mine.prompt_ids, mine.response_ids, self.pad_id, cfg.micro_batch_size),
                              norm=float(batch.max_new_tokens * len(whole.prompt_ids)),
                              tokens=float(sum(map(len, whole.response_ids))))
-            entropy: list[Tensor] = []
+            part.engine = [_ragged(mine.engine_logprobs[mb.rows], mb.response_mask) for mb in part.micro]
             with torch.no_grad():
-                part.old = [self._logprobs(mb, batch.temperature, entropy=entropy) for mb in part.micro]
+                if not self.old_from_first_pass:
+                    part.old = [self._logprobs(mb, batch.temperature, entropy=part.entropy) for mb in part.micro]
                 if self.reference is not None:
                     part.ref = [self._logprobs(mb, batch.temperature, self.reference) for mb in part.micro]
-                initial = (part.ref if self.initial is self.reference else
-                           [self._logprobs(mb, batch.temperature, self.initial) for mb in part.micro]
-                           if self.initial is not None else None)
+                part.initial = (part.ref if self.initial is self.reference else
+                                [self._logprobs(mb, batch.temperature, self.initial) for mb in part.micro]
+                                if self.initial is not None else None)
                 if self.critic is not None:
                     t0 = time.perf_counter()
                     part.values = [self.critic.values(mb) for mb in part.micro]
                     timings["time/learn_critic_s"] += time.perf_counter() - t0
-            for i, (o, mb) in enumerate(zip(part.old, part.micro, strict=True)):
-                engine = _ragged(mine.engine_logprobs[mb.rows], mb.response_mask)
-                sums[0] += float(((o - engine).abs() * mb.response_mask).sum())
-                sums[1] += float((entropy[i] * mb.response_mask).sum())
-                if initial is not None:
-                    sums[2] += float(kl_to_reference(o, initial[i], mb.response_mask) * mb.response_mask.sum())
             if self.critic is None:
                 advantages = torch.tensor(mine.advantages, dtype=torch.float32)
                 part.advantages = [advantages[mb.rows] for mb in part.micro]
@@ -264,11 +264,25 @@ class PolicyLearner(DeepSpeedLearner):
             parts.append(part)
         if self.critic is not None and cfg.whiten_advantages:
             self._whiten_tokens(parts)
+        return parts
+
+    def _rollout_measures(self, parts: list[Minibatch]) -> dict[str, float]:
+        """What the rollouts' policy measures, summed over every rank's response tokens: the engine/learner
+        log-prob gap, the entropy and the k3 KL to the initial policy."""
+        sums = torch.zeros(3, dtype=torch.float64)  # gap, entropy, KL to the initial policy
+        for part in parts:
+            initial = part.initial or [None] * len(part.micro)
+            for old, engine, entropy, init, mb in zip(part.old, part.engine, part.entropy, initial, part.micro,
+                                                      strict=True):
+                sums[0] += float(((old - engine).abs() * mb.response_mask).sum())
+                sums[1] += float((entropy * mb.response_mask).sum())
+                if init is not None:
+                    sums[2] += float(kl_to_reference(old, init, mb.response_mask) * mb.response_mask.sum())
         (sums,) = self.sum_over_ranks([sums.to(self.params[0].device)])
         measured = {"policy/engine_logprob_gap": float(sums[0]), "policy/entropy": float(sums[1])}
         if self.initial is not None:
             measured["policy/kl_to_initial"] = float(sums[2])
-        return parts, measured
+        return measured
 
     def _whiten_tokens(self, parts: list[Minibatch]) -> None:
         """GAE's advantages centred and scaled by the mean and std of every rank's response tokens."""
@@ -295,12 +309,16 @@ class PolicyLearner(DeepSpeedLearner):
 
         def grads() -> list[Tensor]:
             """grad of the minibatch loss on every rank: accumulated over this rank's micro-batches, then summed
-            over ranks; the first call (at the unperturbed weights) fills `stats`."""
+            over ranks; the first call (at the unperturbed weights) fills `stats`, and `part.old` if it is empty."""
             t0 = time.perf_counter()
             total = [torch.zeros_like(p) for p in self.params]
             sums = torch.zeros(3, dtype=total[0].dtype, device=total[0].device)  # loss, KL, clip fraction
-            for mb, old, ref, adv in zip(part.micro, part.old, refs, part.advantages, strict=True):
-                logp = self._logprobs(mb, temperature)
+            fill = not part.old
+            for i, (mb, ref, adv) in enumerate(zip(part.micro, refs, part.advantages, strict=True)):
+                logp = self._logprobs(mb, temperature, entropy=part.entropy if fill else None)
+                if fill:
+                    part.old.append(logp.detach())
+                old = part.old[i]
                 loss, info = clipped_policy_loss(logp, old, adv, mb.response_mask, cfg.clip_eps, norm=part.norm)
                 share = float(mb.response_mask.sum()) / max(part.tokens, 1.0)
                 kl = torch.zeros(())

@@ -273,3 +273,40 @@ def test_the_kl_to_the_initial_policy_is_measured_under_every_regularizer_and_su
     assert again.step(_batch())["policy/kl_to_initial"] == pytest.approx(reset.step(_batch())["policy/kl_to_initial"])
     off = PolicyLearner(tiny_llama_dir, _cfg(monitor={"kl_to_initial": False}))
     assert off.initial is None and "policy/kl_to_initial" not in off.step(_batch())
+
+
+def _count_forwards(learner: PolicyLearner) -> list[int]:
+    """A list that grows by one at each of the learner's policy forward passes."""
+    calls, forward = [], learner._logprobs
+    learner._logprobs = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    return calls
+
+
+@pytest.mark.parametrize("kw", [{}, {"regularizer": "gr", "gr_gamma": 1.0, "gr_fd_eps": 1e-2},
+                                {"regularizer": "kl", "kl_beta": 0.1}], ids=["none", "gr", "kl"])
+def test_a_single_update_takes_its_old_logprobs_from_its_first_gradient_pass_and_steps_as_with_a_forward_of_its_own(
+        tiny_llama_dir, kw):
+    """One update per batch: the old log-probs come from the gradient pass (one forward less), and the step, its
+    loss, and what it measures of the rollouts' policy are those of a learner that recomputes them first."""
+    engine = [[-1.0] * len(r) for r in RESPONSES]
+    runs = {}
+    for reuse in (True, False):
+        learner = PolicyLearner(tiny_llama_dir, _cfg(lr=1e-3, **kw))
+        assert learner.old_from_first_pass
+        learner.old_from_first_pass = reuse
+        calls = _count_forwards(learner)
+        rows = [learner.step(_batch(engine=engine)) for _ in range(2)]
+        runs[reuse] = (_params(learner), rows, len(calls))
+    (fast, fast_rows, fast_calls), (slow, slow_rows, slow_calls) = runs[True], runs[False]
+    assert fast_calls == slow_calls - 2 * len(PROMPTS)  # one micro-batch forward per sequence per step saved
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast, slow))
+    for a, b in zip(fast_rows, slow_rows):
+        for key in ("policy/loss", "policy/grad_norm", "policy/engine_logprob_gap", "policy/entropy",
+                    "policy/kl_to_initial", "policy/clip_fraction"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert fast_rows[0]["policy/engine_logprob_gap"] > 0 and fast_rows[1]["policy/kl_to_initial"] > 0
+
+
+def test_several_updates_per_batch_keep_the_old_logprobs_of_a_forward_before_the_first_update(tiny_llama_dir):
+    assert not PolicyLearner(tiny_llama_dir, _cfg(epochs=2)).old_from_first_pass
+    assert not PolicyLearner(tiny_llama_dir, _cfg(minibatches=2)).old_from_first_pass
