@@ -336,6 +336,11 @@ class RLConfig(Section):
     steps: int = Field(20, ge=0, description="rollout batches, each followed by one optimizer step and a weight sync")
     prompts_per_step: int = Field(8, ge=1, description="prompts per batch; each gets rollout.n_samples completions")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass (gradients accumulate)")
+    pack_tokens: int = Field(
+        512, ge=0, description="a micro-batch's sequences packed whole into rows of up to this many tokens, "
+        "position ids restarting at each, so no padding is computed and no sequence sees another (1.16x faster "
+        "than right-padding at 22% padding on 2 CPUs); 0: one right-padded row per sequence. Not with "
+        "rl.advantage=gae, whose GAE runs along each row")
     lr: float = Field(5e-6, gt=0.0, description="Adam; the paper's 5e-6 (GR) and 3e-6 (others) are for full fine-tuning")
     clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip")
     whiten_advantages: bool = Field(True, description="scale advantages by the batch std: causal RMs shrink rewards")
@@ -380,6 +385,8 @@ class RLConfig(Section):
             critic += [f"critic.lora.{k}" for k in PolicyLoraConfig.model_fields]
             unused.update(dict.fromkeys((*critic, "whiten_rewards", "kl_in_reward"),
                                         f"only rl.advantage=gae (PPO) reads it, not {self.advantage}"))
+        else:
+            unused["pack_tokens"] = "rl.advantage=gae runs GAE along each row, so its rows hold one sequence each"
         _reject_unused(self, unused)
         if self.regularizer == "gr" and self.precision == "bf16" and self.gr_fd_eps < BF16_MIN_FD_EPS:
             error = PydanticCustomError(

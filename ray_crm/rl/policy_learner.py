@@ -5,8 +5,10 @@ Torch, transformers and DeepSpeed, no Ray: `ray_crm.rl.learner_group` runs one `
 Ray actors joined by torch.distributed. Each rank holds a DeepSpeed engine (ZeRO `rl.zero_stage`,
 `DeepSpeedLearner`) and takes its slice (rank::world) of every minibatch, with every normalizer global, so W
 ranks step exactly as one would (up to fp32 summation order). A step
-- splits the batch into `rl.minibatches` minibatches (every k-th sequence) and packs the rank's
-  (prompt, response) token ids of each into right-padded micro-batches (`pack_sequences`);
+- splits the batch into `rl.minibatches` minibatches (every k-th sequence) and lays the rank's (prompt,
+  response) token ids of each out in micro-batches of `rl.micro_batch_size` sequences (`micro_batches`):
+  packed whole into rows of up to `rl.pack_tokens` tokens with position ids restarting at each sequence (the
+  model then masks attention block-diagonally, so no padding is computed), or one right-padded row each;
 - recomputes the old log-probs with the learner's own weights (verl does the same), so PPO's ratio starts at
   exactly 1 whatever precision the engines sampled in, and logs their gap to the engines' log-probs; when the
   batch takes a single update (`rl.epochs=1`, `rl.minibatches=1`, no critic) they are the first gradient pass's
@@ -84,10 +86,25 @@ class PolicyBatch:
 
 @dataclass
 class MicroBatch:
-    input_ids: Tensor  # [B, L] right-padded
-    attention_mask: Tensor  # [B, L]
-    response_mask: Tensor  # [B, L - 1]: 1 where position t+1 is a response token
+    """Sequences laid out in R rows of L tokens: one per row (right-padded; `position_ids` None) or packed
+    several to a row (`position_ids` restart at each sequence, and no attention mask: the model then keeps
+    attention inside each sequence)."""
+
+    input_ids: Tensor  # [R, L]
+    attention_mask: Tensor  # [R, L]: 1 on real tokens
+    response_mask: Tensor  # [R, L - 1]: 1 where position t+1 is a response token
     rows: slice  # which sequences of the batch
+    sequence: Tensor  # [R, L - 1]: index (within `rows`) of the sequence whose token position t+1 is; -1 on padding
+    position_ids: Tensor | None = None
+
+    def model_inputs(self, device: torch.device) -> dict[str, Tensor]:
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device)}
+        return {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device)}
+
+    def per_token(self, values: Tensor) -> Tensor:
+        """Per-sequence `values` [B] laid out like `response_mask` (zeros off the responses)."""
+        return values[self.sequence.clamp(min=0)] * self.response_mask
 
 
 def shard(batch: PolicyBatch, rank: int, world: int) -> PolicyBatch:
@@ -99,31 +116,56 @@ def shard(batch: PolicyBatch, rank: int, world: int) -> PolicyBatch:
                    rewards=None if batch.rewards is None else batch.rewards[rows])
 
 
-def pack_sequences(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int,
-                   micro_batch_size: int) -> list[MicroBatch]:
-    """Right-padded micro-batches of prompt + response; the response mask is aligned with next-token logits."""
+def _rows(lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
+    """Sequence indices grouped into rows: consecutive sequences while they fit in `pack_tokens` (a longer one
+    gets a row of its own); one per row when `pack_tokens` is 0."""
+    rows: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not rows or not pack_tokens or used + n > pack_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def micro_batches(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int,
+                  micro_batch_size: int, pack_tokens: int = 0) -> list[MicroBatch]:
+    """Micro-batches of `micro_batch_size` prompt + response sequences, each packed into rows of up to
+    `pack_tokens` tokens (0: one right-padded row per sequence); masks aligned with next-token logits."""
     out = []
     for start in range(0, len(prompt_ids), micro_batch_size):
         rows = slice(start, min(start + micro_batch_size, len(prompt_ids)))
         seqs = [p + r for p, r in zip(prompt_ids[rows], response_ids[rows], strict=True)]
-        length = max(map(len, seqs))
-        ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), length), dtype=torch.long)
-        resp = torch.zeros((len(seqs), length - 1))
-        for i, (p, seq) in enumerate(zip(prompt_ids[rows], seqs, strict=True)):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            attn[i, : len(seq)] = 1
-            resp[i, len(p) - 1 : len(seq) - 1] = 1
-        out.append(MicroBatch(ids, attn, resp, rows))
+        layout = _rows([len(q) for q in seqs], pack_tokens)
+        length = max(sum(len(seqs[i]) for i in row) for row in layout)
+        ids = torch.full((len(layout), length), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(layout), length), dtype=torch.long)
+        positions = torch.zeros((len(layout), length), dtype=torch.long)
+        resp = torch.zeros((len(layout), length - 1))
+        sequence = torch.full((len(layout), length - 1), -1, dtype=torch.long)
+        for r, row in enumerate(layout):
+            at = 0
+            for i in row:
+                seq, n, p = seqs[i], len(seqs[i]), len(prompt_ids[rows][i])
+                ids[r, at : at + n] = torch.tensor(seq)
+                attn[r, at : at + n] = 1
+                positions[r, at : at + n] = torch.arange(n)
+                resp[r, at + p - 1 : at + n - 1] = 1
+                sequence[r, at : at + n - 1] = i
+                at += n
+        packed = any(len(row) > 1 for row in layout)
+        out.append(MicroBatch(ids, attn, resp, rows, sequence, positions if packed else None))
     return out
 
 
-def _ragged(values: Sequence[list[float]], mask: Tensor) -> Tensor:
-    """Per-response lists laid out like `mask` (zeros elsewhere)."""
-    out = torch.zeros_like(mask)
+def _ragged(values: Sequence[list[float]], mb: MicroBatch) -> Tensor:
+    """Per-response lists (one per sequence of `mb`) laid out like its response mask (zeros elsewhere)."""
+    out = torch.zeros_like(mb.response_mask)
     for i, row in enumerate(values):
-        positions = mask[i].nonzero().squeeze(-1)
-        out[i, positions] = torch.tensor(row[: len(positions)], dtype=out.dtype)
+        r, t = ((mb.sequence == i) & mb.response_mask.bool()).nonzero(as_tuple=True)
+        out[r, t] = torch.tensor(row[: len(t)], dtype=out.dtype)
     return out
 
 
@@ -178,7 +220,7 @@ class PolicyLearner(DeepSpeedLearner):
                   entropy: list[Tensor] | None = None) -> Tensor:
         """Per-token log-probs [B, L - 1] (of `weights` swapped in, if given); appends the entropies to `entropy`."""
         device = self.params[0].device
-        inputs = {"input_ids": mb.input_ids.to(device), "attention_mask": mb.attention_mask.to(device)}
+        inputs = {**mb.model_inputs(device), "use_cache": False}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             out = functional_call(self.model, weights, args=(), kwargs=inputs) if weights else self.model(**inputs)
         if entropy is not None:
@@ -234,10 +276,11 @@ class PolicyLearner(DeepSpeedLearner):
         for k in range(cfg.minibatches):
             whole = shard(batch, k, cfg.minibatches)
             mine = shard(whole, self.rank, self.world)
-            part = Minibatch(pack_sequences(mine.prompt_ids, mine.response_ids, self.pad_id, cfg.micro_batch_size),
+            pack = cfg.pack_tokens if self.critic is None else 0  # GAE runs along each row
+            part = Minibatch(micro_batches(mine.prompt_ids, mine.response_ids, self.pad_id, cfg.micro_batch_size, pack),
                              norm=float(batch.max_new_tokens * len(whole.prompt_ids)),
                              tokens=float(sum(map(len, whole.response_ids))))
-            part.engine = [_ragged(mine.engine_logprobs[mb.rows], mb.response_mask) for mb in part.micro]
+            part.engine = [_ragged(mine.engine_logprobs[mb.rows], mb) for mb in part.micro]
             with torch.no_grad():
                 if not self.old_from_first_pass:
                     part.old = [self._logprobs(mb, batch.temperature, entropy=part.entropy) for mb in part.micro]
@@ -252,7 +295,7 @@ class PolicyLearner(DeepSpeedLearner):
                     timings["time/learn_critic_s"] += time.perf_counter() - t0
             if self.critic is None:
                 advantages = torch.tensor(mine.advantages, dtype=torch.float32)
-                part.advantages = [advantages[mb.rows] for mb in part.micro]
+                part.advantages = [mb.per_token(advantages[mb.rows]) for mb in part.micro]
             else:
                 scores = torch.tensor(mine.rewards, dtype=torch.float32)
                 refs = part.ref or [None] * len(part.micro)

@@ -123,6 +123,7 @@ UNUSED = {  # a setting the chosen type ignores -> the key the error names, and 
     ("rl.regularizer=kl", "rl.gr_clip=separate"): ("rl.gr_clip", "only rl.regularizer=gr"),
     ("rl.kl_beta=0.1",): ("rl.kl_beta", "only rl.regularizer=kl or reset"),
     ("rl.regularizer=kl", "rl.reset_every=10"): ("rl.reset_every", "only rl.regularizer=reset"),
+    ("rl.advantage=gae", "rl.pack_tokens=256"): ("rl.pack_tokens", "runs GAE along each row"),
     ("train.zero_stage=0", "train.offload=true"): ("train.offload", "ZeRO stage 0"),
     ("sweep.grace_period=3",): ("sweep.grace_period", "only sweep.scheduler=asha"),
     ("reward.gold=[{name: v, kind: vader, model: rm}]",): ("reward.gold.0.model", "kind vader"),

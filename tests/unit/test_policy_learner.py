@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from ray_crm.config import BF16_MIN_FD_EPS, PolicyLoraConfig, RLConfig
 from ray_crm.models.logprobs import token_entropy, token_logprobs
-from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences, shard
+from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, micro_batches, shard
 
 PROMPTS = [[1, 7, 9, 12], [1, 30]]
 RESPONSES = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
@@ -54,7 +54,7 @@ def _same_adam(a, b) -> bool:
 
 
 def test_response_mask_marks_the_positions_that_predict_response_tokens():
-    (mb,) = pack_sequences(PROMPTS, RESPONSES, pad_id=0, micro_batch_size=2)
+    (mb,) = micro_batches(PROMPTS, RESPONSES, pad_id=0, micro_batch_size=2)
     assert mb.input_ids.shape == (2, 8) and mb.input_ids[1, 7].item() == 55 and mb.input_ids[0, 7].item() == 0
     assert mb.attention_mask[0].tolist() == [1] * 7 + [0]
     assert mb.response_mask[0].tolist() == [0, 0, 0, 1, 1, 1, 0]
@@ -65,6 +65,20 @@ def test_response_mask_marks_the_positions_that_predict_response_tokens():
     assert targets[1][mb.response_mask[1].bool()].tolist() == RESPONSES[1]
 
 
+def test_packed_rows_hold_whole_sequences_with_restarting_positions_and_the_same_response_targets():
+    (mb,) = micro_batches(PROMPTS, RESPONSES, pad_id=0, micro_batch_size=2, pack_tokens=64)
+    assert mb.input_ids.shape == (1, 15) and mb.input_ids[0].tolist() == PROMPTS[0] + RESPONSES[0] + PROMPTS[1] + RESPONSES[1]
+    assert mb.position_ids[0].tolist() == list(range(7)) + list(range(8))
+    assert mb.response_mask[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1]  # no target across the seam
+    assert mb.sequence[0].tolist() == [0] * 6 + [-1] + [1] * 7  # the seam predicts no token of either
+    assert mb.input_ids[:, 1:][mb.response_mask.bool()].tolist() == RESPONSES[0] + RESPONSES[1]
+    assert mb.per_token(torch.tensor([2.0, -3.0]))[0].tolist() == [0, 0, 0, 2, 2, 2, 0, 0, -3, -3, -3, -3, -3, -3]
+    assert set(mb.model_inputs(torch.device("cpu"))) == {"input_ids", "position_ids"}  # no mask: block-diagonal
+    # a row holds what fits: 7 + 8 tokens do not fit in 10, so two rows, and no packing left to declare
+    (mb,) = micro_batches(PROMPTS, RESPONSES, pad_id=0, micro_batch_size=2, pack_tokens=10)
+    assert mb.input_ids.shape == (2, 8) and mb.position_ids is None
+
+
 def test_token_logprobs_are_of_the_tempered_distribution():
     logits = torch.randn(1, 3, 5)
     ids = torch.tensor([[0, 2, 4]])
@@ -72,8 +86,9 @@ def test_token_logprobs_are_of_the_tempered_distribution():
     assert torch.allclose(token_logprobs(logits, ids, 0.5)[0], expected, atol=1e-6)
 
 
-def test_batched_padded_logprobs_equal_one_sequence_at_a_time(tiny_llama_dir):
-    learner = PolicyLearner(tiny_llama_dir, _cfg(micro_batch_size=2))
+@pytest.mark.parametrize("pack_tokens", [0, 64], ids=["padded", "packed"])
+def test_batched_logprobs_equal_one_sequence_at_a_time(tiny_llama_dir, pack_tokens):
+    learner = PolicyLearner(tiny_llama_dir, _cfg(micro_batch_size=2, pack_tokens=pack_tokens))
     exact = _sequence_logprobs(learner)
     # the learner's own log-probs as engine log-probs: the measured gap is zero; shifted by 0.5: 0.5
     assert learner_gap(learner, exact) == pytest.approx(0.0, abs=1e-5)
@@ -310,3 +325,16 @@ def test_a_single_update_takes_its_old_logprobs_from_its_first_gradient_pass_and
 def test_several_updates_per_batch_keep_the_old_logprobs_of_a_forward_before_the_first_update(tiny_llama_dir):
     assert not PolicyLearner(tiny_llama_dir, _cfg(epochs=2)).old_from_first_pass
     assert not PolicyLearner(tiny_llama_dir, _cfg(minibatches=2)).old_from_first_pass
+
+
+def test_packed_and_padded_micro_batches_take_the_same_steps(tiny_llama_dir):
+    runs = {}
+    for pack in (0, 64):
+        learner = PolicyLearner(tiny_llama_dir, _cfg(lr=1e-3, micro_batch_size=2, pack_tokens=pack,
+                                                     regularizer="gr", gr_gamma=1.0, gr_fd_eps=1e-2))
+        rows = [learner.step(_batch(engine=[[-1.0] * len(r) for r in RESPONSES])) for _ in range(2)]
+        runs[pack] = (_params(learner), rows)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[0][0], runs[64][0]))
+    for a, b in zip(runs[0][1], runs[64][1]):
+        for key in ("policy/loss", "policy/grad_norm", "gr/g2_norm", "policy/entropy", "policy/kl_to_initial"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ray_crm.config import CriticConfig, PolicyLoraConfig
-from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, pack_sequences
+from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner, micro_batches
 from tests.unit.test_policy_learner import PROMPTS, RESPONSES, T, _adam, _cfg, _same_adam, _sequence_logprobs
 
 
@@ -24,7 +24,7 @@ def _batch(rewards=(1.0, -1.0)) -> PolicyBatch:
 def _values(learner) -> list[torch.Tensor]:
     with torch.no_grad():
         return [learner.critic.values(mb)[mb.response_mask.bool()]
-                for mb in pack_sequences(PROMPTS, RESPONSES, learner.pad_id, 2)]
+                for mb in micro_batches(PROMPTS, RESPONSES, learner.pad_id, 2)]
 
 
 def test_ppo_raises_the_rewarded_response_and_its_critic_learns_the_returns(tiny_llama_dir):
