@@ -50,6 +50,20 @@ def learner_bench(doc: str) -> tuple[argparse.Namespace, Path, PolicyBatch]:
     return args, resolve_model("smollm2"), batch(args.sequences, 35, 32)
 
 
+def alternate_steps(learners: dict[str, PolicyLearner], work: PolicyBatch, rounds: int) -> dict[str, list[float]]:
+    """Each learner's step times on `work`: a warm-up step each, then `rounds` rounds of one step each, in turn
+    (so a slow spell of the machine falls on every side)."""
+    times: dict[str, list[float]] = {name: [] for name in learners}
+    for learner in learners.values():
+        learner.step(work)
+    for _ in range(rounds):
+        for name, learner in learners.items():
+            t0 = time.perf_counter()
+            learner.step(work)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     args, path, work = learner_bench(__doc__)
     result = {"command": "python benchmarks/bench_gr.py " + " ".join(sys.argv[1:]),
@@ -62,14 +76,7 @@ def main() -> None:
         learners = {r: PolicyLearner(path, RLConfig(precision=precision, regularizer=r, micro_batch_size=16, lr=1e-5,
                                                     **(fd if r == "gr" else {})))
                     for r in REGULARIZERS}
-        times: dict[str, list[float]] = {r: [] for r in REGULARIZERS}
-        for learner in learners.values():
-            learner.step(work)  # warm-up
-        for _ in range(args.rounds):
-            for r, learner in learners.items():
-                t0 = time.perf_counter()
-                learner.step(work)
-                times[r].append(time.perf_counter() - t0)
+        times = alternate_steps(learners, work, args.rounds)
         med = {r: statistics.median(t) for r, t in times.items()}
         result[precision] = {"step_s": med, "rounds_s": times, "gr_over_none": med["gr"] / med["none"],
                              "kl_over_none": med["kl"] / med["none"]}

@@ -17,18 +17,16 @@ must end equal up to fp32 summation order (`max_weight_gap`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from bench_gr import alternate_steps, learner_bench  # run as a script: benchmarks/ is on the path
 
-from ray_crm.assets import resolve_model
 from ray_crm.config import RLConfig
 from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner
 
@@ -48,13 +46,8 @@ def ragged_batch(sequences: int, max_new_tokens: int = 48) -> PolicyBatch:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    path, work = resolve_model("smollm2"), ragged_batch(args.sequences)
+    args, path, _ = learner_bench(__doc__)  # bench_gr's command line, model and threads; a ragged batch here
+    work = ragged_batch(args.sequences)
     lengths = [len(p) + len(r) for p, r in zip(work.prompt_ids, work.response_ids, strict=True)]
     result = {"command": "python benchmarks/bench_learner_step.py " + " ".join(sys.argv[1:]),
               "machine": {"cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
@@ -69,13 +62,7 @@ def main() -> None:
             learners[name] = PolicyLearner(path, RLConfig(regularizer=regularizer, micro_batch_size=16, lr=1e-5,
                                                           pack_tokens=pack))
             learners[name].old_from_first_pass = first_pass
-            learners[name].step(work)  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        for _ in range(args.rounds):
-            for name, learner in learners.items():
-                t0 = time.perf_counter()
-                learner.step(work)
-                times[name].append(time.perf_counter() - t0)
+        times = alternate_steps(learners, work, args.rounds)
         med = {name: statistics.median(t) for name, t in times.items()}
         base = learners["padded_recompute"].params
         gap = max(float((a - b).detach().abs().max()) for other in learners.values() for a, b in zip(base, other.params))
