@@ -20,9 +20,11 @@ rollout seeds (`rollout.seed`; the LoRA adapter starts at the base policy whatev
 
 Arms: `none`; `kl_<beta>` (k3 KL to the initial policy); `reset_<period>` (KL to a reference renewed every
 period steps); `gr_<gamma>` (gamma from the tune phase, or `--gamma`); `crm_none` and `crm_gr_<gamma>` (the
-causal RM as proxy). Report per arm: the seeds' final held-out gold and proxy scores (mean, standard error),
-KL to the initial policy and response length, and curves (proxy and gold against step, gold against KL: the
-training rollouts' scores, measured every step).
+causal RM as proxy). Report per arm: the seeds' final held-out gold and proxy scores (mean, standard error, and
+for the gold RM a 95% t interval), KL to the initial policy and response length; held-out gold differences
+paired by seed (each arm's gain over its initial policy, each GR arm against the other arms of its proxy) with
+95% t intervals; and curves (proxy and gold against step, gold against KL: the training rollouts' scores,
+measured every step).
 """
 
 from __future__ import annotations
@@ -131,6 +133,37 @@ def summarize(per_seed: list[tuple[int, pd.DataFrame]]) -> dict:
     return out
 
 
+def t_interval(values: list[float]) -> list[float]:
+    """The 95% t interval of the mean of `values` (NaN bounds below two values)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return [math.nan, math.nan]
+    mean, half = statistics.fmean(values), float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values)
+    return [mean - half / math.sqrt(len(values)), mean + half / math.sqrt(len(values))]
+
+
+def contrasts(arms: dict[str, dict]) -> dict[str, dict]:
+    """Held-out gold RM differences between arms, paired by rollout seed (a seed's arms start from the same
+    initial-policy samples): each GR arm against every other arm of its proxy, and each arm's gain over its
+    initial policy. Each with the per-seed values, mean and 95% t interval."""
+    def paired(a: dict, b: dict | None) -> dict:
+        seeds = [s for s in a["seeds"] if b is None or s in b["seeds"]]
+        minus = (dict(zip(a["seeds"], a["gold_initial_values"], strict=True)) if b is None
+                 else dict(zip(b["seeds"], b["gold_final_values"], strict=True)))
+        mine = dict(zip(a["seeds"], a["gold_final_values"], strict=True))
+        values = [mine[s] - minus[s] for s in seeds]
+        return {"seeds": seeds, "gold_diff_values": values, "gold_diff_mean": statistics.fmean(values) if values
+                else math.nan, "gold_diff_ci95": t_interval(values)}
+
+    out = {f"{arm} - initial": paired(r, None) for arm, r in arms.items()}
+    for gr in (a for a in arms if a.startswith(("gr_", "crm_gr_"))):
+        for other, summary in arms.items():
+            if other != gr and other.startswith("crm_") == gr.startswith("crm_"):  # the same proxy
+                out[f"{gr} - {other}"] = paired(arms[gr], summary)
+    return out
+
+
 def plot(curves: dict[str, list[tuple[int, pd.DataFrame]]], window: int, path: Path) -> None:
     """Training-rollout figures as means over `window` steps (the steps that cover every training prompt once:
     the gold RM's scale differs by prompt), and the held-out gold of each seed's final policy against its KL."""
@@ -209,6 +242,9 @@ def main() -> None:
               "gamma": gamma, "gold": "held-out test prompts, gold RM (configs/gold_rm.yaml); lexicon beside",
               "arms": {arm: summarize(per_seed) for arm, per_seed in curves.items() if per_seed},
               "arms_not_run": [arm for arm, per_seed in curves.items() if len(per_seed) < len(args.seeds)]}
+    for r in result["arms"].values():
+        r["gold_final_ci95"] = t_interval(r["gold_final_values"])
+    result["contrasts"] = contrasts(result["arms"])
     out = ROOT / "benchmarks" / "results" / f"{RESULT}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     window = math.ceil(TRAINING_PROMPTS / args.prompts_per_step)
@@ -218,6 +254,9 @@ def main() -> None:
         print(f"| {arm} | {len(r['seeds'])} | {r['gold_final_mean']:.3f} +- {r['gold_final_se']:.3f} | "
               f"{r['lexicon_final_mean']:.3f} | {r['proxy_final_mean']:.3f} | {r['kl_final_mean']:.4f} | "
               f"{r['tokens_final_mean']:.1f} |")
+    print("\n| held-out gold RM, paired by seed | mean | 95% interval |\n|---|---|---|")
+    for name, c in result["contrasts"].items():
+        print(f"| {name} | {c['gold_diff_mean']:+.3f} | [{c['gold_diff_ci95'][0]:+.3f}, {c['gold_diff_ci95'][1]:+.3f}] |")
 
 
 if __name__ == "__main__":
