@@ -1,6 +1,7 @@
 """What the policy learner's batch layout saves: a step on right-padded rows with a forward pass of its own for
-the old log-probs (the learner before packing), on packed rows, and on packed rows taking the old log-probs from
-the first gradient pass (the default), in the same process.
+the old log-probs (the learner before this change), on packed rows (`rl.pack_tokens=512`), and on packed rows
+taking the old log-probs from the first gradient pass, in the same process. (The default now is right-padded rows
+with the first-pass log-probs: packing did not pay on this CPU.)
 
     python benchmarks/bench_learner_step.py    # writes benchmarks/results/learner_step.json, prints a table
 

@@ -337,10 +337,11 @@ class RLConfig(Section):
     prompts_per_step: int = Field(8, ge=1, description="prompts per batch; each gets rollout.n_samples completions")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass (gradients accumulate)")
     pack_tokens: int = Field(
-        512, ge=0, description="a micro-batch's sequences packed whole into rows of up to this many tokens, "
-        "position ids restarting at each, so no padding is computed and no sequence sees another (1.16x faster "
-        "than right-padding at 22% padding on 2 CPUs); 0: one right-padded row per sequence. Not with "
-        "rl.advantage=gae, whose GAE runs along each row")
+        0, ge=0, description="a micro-batch's sequences packed whole into rows of up to this many tokens, "
+        "position ids restarting at each, so no padding goes through the linear layers and no sequence sees "
+        "another; 0: one right-padded row per sequence. On 2 CPUs packing at 512 was 0.94-0.96x as fast at 25% "
+        "padding (sdpa computes each row's whole attention under the mask); meant for GPUs with a "
+        "variable-length attention kernel. Not with rl.advantage=gae, whose GAE runs along each row")
     lr: float = Field(5e-6, gt=0.0, description="Adam; the paper's 5e-6 (GR) and 3e-6 (others) are for full fine-tuning")
     clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip")
     whiten_advantages: bool = Field(True, description="scale advantages by the batch std: causal RMs shrink rewards")

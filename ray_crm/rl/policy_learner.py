@@ -6,9 +6,9 @@ Ray actors joined by torch.distributed. Each rank holds a DeepSpeed engine (ZeRO
 `DeepSpeedLearner`) and takes its slice (rank::world) of every minibatch, with every normalizer global, so W
 ranks step exactly as one would (up to fp32 summation order). A step
 - splits the batch into `rl.minibatches` minibatches (every k-th sequence) and lays the rank's (prompt,
-  response) token ids of each out in micro-batches of `rl.micro_batch_size` sequences (`micro_batches`):
-  packed whole into rows of up to `rl.pack_tokens` tokens with position ids restarting at each sequence (the
-  model then masks attention block-diagonally, so no padding is computed), or one right-padded row each;
+  response) token ids of each out in micro-batches of `rl.micro_batch_size` sequences (`micro_batches`): one
+  right-padded row each, or (`rl.pack_tokens`) packed whole into rows with position ids restarting at each
+  sequence (the model then masks attention block-diagonally, so no padding goes through the linear layers);
 - recomputes the old log-probs with the learner's own weights (verl does the same), so PPO's ratio starts at
   exactly 1 whatever precision the engines sampled in, and logs their gap to the engines' log-probs; when the
   batch takes a single update (`rl.epochs=1`, `rl.minibatches=1`, no critic) they are the first gradient pass's
