@@ -137,7 +137,8 @@ def micro_batches(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[i
     out = []
     for start in range(0, len(prompt_ids), micro_batch_size):
         rows = slice(start, min(start + micro_batch_size, len(prompt_ids)))
-        seqs = [p + r for p, r in zip(prompt_ids[rows], response_ids[rows], strict=True)]
+        prompts = prompt_ids[rows]
+        seqs = [p + r for p, r in zip(prompts, response_ids[rows], strict=True)]
         layout = _rows([len(q) for q in seqs], pack_tokens)
         length = max(sum(len(seqs[i]) for i in row) for row in layout)
         ids = torch.full((len(layout), length), pad_id, dtype=torch.long)
@@ -148,7 +149,7 @@ def micro_batches(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[i
         for r, row in enumerate(layout):
             at = 0
             for i in row:
-                seq, n, p = seqs[i], len(seqs[i]), len(prompt_ids[rows][i])
+                seq, n, p = seqs[i], len(seqs[i]), len(prompts[i])
                 ids[r, at : at + n] = torch.tensor(seq)
                 attn[r, at : at + n] = 1
                 positions[r, at : at + n] = torch.arange(n)
@@ -276,8 +277,9 @@ class PolicyLearner(DeepSpeedLearner):
         for k in range(cfg.minibatches):
             whole = shard(batch, k, cfg.minibatches)
             mine = shard(whole, self.rank, self.world)
-            pack = cfg.pack_tokens if self.critic is None else 0  # GAE runs along each row
-            part = Minibatch(micro_batches(mine.prompt_ids, mine.response_ids, self.pad_id, cfg.micro_batch_size, pack),
+            # (the config refuses rl.pack_tokens under rl.advantage=gae: GAE runs along each row)
+            part = Minibatch(micro_batches(mine.prompt_ids, mine.response_ids, self.pad_id, cfg.micro_batch_size,
+                                           cfg.pack_tokens),
                              norm=float(batch.max_new_tokens * len(whole.prompt_ids)),
                              tokens=float(sum(map(len, whole.response_ids))))
             part.engine = [_ragged(mine.engine_logprobs[mb.rows], mb) for mb in part.micro]
