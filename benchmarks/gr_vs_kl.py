@@ -6,6 +6,9 @@ regularizer, gold-scored by a learned reward model, GR's strength chosen by Ray 
     python benchmarks/gr_vs_kl.py --phase arms      # every arm x --seeds, reported on test prompts
     python benchmarks/gr_vs_kl.py --phase report    # -> the result JSON and plot (RESULT, below)
 
+The report is made from the runs' logs, which it first copies from `outputs/` to
+`benchmarks/results/gr_vs_kl_runs/` (committed, a few KB a run): it can be remade without the runs' folders.
+
 Every run is `ray-crm train-rl` with `configs/rl_length.yaml` (SmolLM2-135M + LoRA, Dr.GRPO, the VADER task's
 four training prompts) for `--steps` steps of `--prompts-per-step` prompts x 8 samples (16 x 16 by default, the
 size of the demo's runs, which show the length drift: a GR step then takes ~31 s on the 2-core box, a run ~10
@@ -47,6 +50,9 @@ COLUMNS = {"gold_final": GOLD, "lexicon_final": "eval/gold_vader_mean", "proxy_f
            "kl_final": "policy/kl_to_initial", "tokens_final": "eval/response_tokens_mean",
            "eos_final": "eval/finished_fraction"}
 # (name, column, row): every final figure, and for the held-out ones the initial policy's (step 0) beside it
+RUN_LOGS = ROOT / "benchmarks" / "results" / f"{RESULT}_runs"
+PLOTTED = ["reward_mean", "gold_gold_rm_mean", "response_tokens_mean", "policy/kl_to_initial"]
+LOGGED = ["step", *PLOTTED, *(c for c in COLUMNS.values() if c not in PLOTTED)]
 FIGURES = [(key, column, -1) for key, column in COLUMNS.items()] + [
     (key.replace("final", "initial"), column, 0) for key, column in COLUMNS.items() if column.startswith("eval/")]
 
@@ -107,16 +113,26 @@ def chosen_gamma(prefix: str) -> float:
     return float(yaml.safe_load(summary.read_text())["rl"]["gr_gamma"])
 
 
-def runs(prefix: str, arm: str) -> list[tuple[int, pd.DataFrame]]:
-    """(rollout seed, rl.csv) of every finished trial of an arm's sweep."""
+def keep_logs(prefix: str, arm: str) -> None:
+    """Copy the plotted and reported columns of every finished trial of an arm (a few KB each) to
+    `benchmarks/results/<RESULT>_runs/<arm>_seed<rollout seed>.csv`, which the report is made from: the runs'
+    output folders are not kept, the committed logs are."""
     import yaml
 
-    out = []
     for log in sorted((ROOT / "outputs").glob(f"{prefix}_{arm}-*/train-rl/rl.csv")):
         if (log.parent / "summary.json").is_file():
             seed = yaml.safe_load((log.parent / "config.yaml").read_text())["rollout"]["seed"]
-            out.append((seed, pd.read_csv(log)))
-    return sorted(out, key=lambda x: x[0])
+            frame = pd.read_csv(log)
+            RUN_LOGS.mkdir(parents=True, exist_ok=True)
+            target = RUN_LOGS / f"{arm}_seed{seed}.csv"
+            frame[[c for c in LOGGED if c in frame.columns]].to_csv(target.with_suffix(".tmp"), index=False)
+            target.with_suffix(".tmp").replace(target)
+
+
+def runs(arm: str) -> list[tuple[int, pd.DataFrame]]:
+    """(rollout seed, kept log) of every kept run of an arm."""
+    found = [(int(log.stem.rsplit("_seed", 1)[1]), pd.read_csv(log)) for log in RUN_LOGS.glob(f"{arm}_seed*.csv")]
+    return sorted(found, key=lambda x: x[0])
 
 
 def summarize(per_seed: list[tuple[int, pd.DataFrame]]) -> dict:
@@ -177,7 +193,7 @@ def plot(curves: dict[str, list[tuple[int, pd.DataFrame]]], window: int, path: P
         color = f"C{i % 10}"
         for j, (_, log) in enumerate(per_seed):
             steps = log.dropna(subset=["reward_mean"]).set_index("step")
-            smooth = steps[["reward_mean", "gold_gold_rm_mean", "response_tokens_mean", "policy/kl_to_initial"]]
+            smooth = steps[PLOTTED]
             smooth = smooth.rolling(window).mean().dropna()
             axes[0].plot(smooth.index, smooth["reward_mean"], color=color, alpha=0.7, label=arm if j == 0 else None)
             axes[1].plot(smooth.index, smooth["gold_gold_rm_mean"], color=color, alpha=0.7)
@@ -214,9 +230,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", help="arms: run only these (names as in the report); default all")
     parser.add_argument("--prefix", default="gvk")
     args = parser.parse_args()
-    proxies = {kind: exported(f"outputs/demo/train-rm/demo-{kind}-*/export", "run `make demo` first")
-               for kind in ("bt", "crm")}
-
+    if args.phase != "report":
+        proxies = {kind: exported(f"outputs/demo/train-rm/demo-{kind}-*/export", "run `make demo` first")
+                   for kind in ("bt", "crm")}
     if args.phase == "tune":
         grid = ", ".join(f"{g:g}" for g in args.gammas)
         summary = sweep(f"{args.prefix}_tune", [*base_overrides(args, proxies["bt"], "rl_validation_prompts.csv"),
@@ -237,18 +253,26 @@ def main() -> None:
             sweep(f"{args.prefix}_{arm}", [*base_overrides(args, proxies[kind], "rl_test_prompts.csv"), *overrides],
                   f"{{rollout.seed: {{grid: [{seeds}]}}}}")
         return
-    curves = {arm: runs(args.prefix, arm) for arm in chosen}
+    for arm in chosen:
+        keep_logs(args.prefix, arm)
+    curves = {arm: runs(arm) for arm in chosen}
+    out = ROOT / "benchmarks" / "results" / f"{RESULT}.json"
+    previous = json.loads(out.read_text())["arms"] if out.is_file() else {}
+    carried = [arm for arm, per_seed in curves.items() if not per_seed and arm in previous]
     result = {"command": "python benchmarks/gr_vs_kl.py " + " ".join(sys.argv[1:]), "steps": args.steps,
               "gamma": gamma, "gold": "held-out test prompts, gold RM (configs/gold_rm.yaml); lexicon beside",
-              "arms": {arm: summarize(per_seed) for arm, per_seed in curves.items() if per_seed},
-              "arms_not_run": [arm for arm, per_seed in curves.items() if len(per_seed) < len(args.seeds)]}
+              "arms": {arm: summarize(per_seed) if per_seed else previous[arm] for arm, per_seed in curves.items()
+                       if per_seed or arm in carried},
+              "arms_not_run": [arm for arm, per_seed in curves.items()
+                               if len(per_seed) < len(args.seeds) and arm not in carried],
+              "carried_without_logs": carried}
     for r in result["arms"].values():
         r["gold_final_ci95"] = t_interval(r["gold_final_values"])
     result["contrasts"] = contrasts(result["arms"])
-    out = ROOT / "benchmarks" / "results" / f"{RESULT}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     window = math.ceil(TRAINING_PROMPTS / args.prompts_per_step)
-    plot({a: c for a, c in curves.items() if c}, window, ROOT / "docs" / "img" / f"{RESULT}.png")
+    if any(curves.values()):
+        plot({a: c for a, c in curves.items() if c}, window, ROOT / "docs" / "img" / f"{RESULT}.png")
     print("| arm | seeds | held-out gold RM | lexicon | proxy | KL | tokens |\n|---|---|---|---|---|---|---|")
     for arm, r in result["arms"].items():
         print(f"| {arm} | {len(r['seeds'])} | {r['gold_final_mean']:.3f} +- {r['gold_final_se']:.3f} | "
