@@ -68,7 +68,3 @@ class StratifiedBatchSampler:
     def shard(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
         """This worker's share of a global batch."""
         return batch[rank::world_size]
-
-    def worker_batches(self, epoch: int, rank: int, world_size: int) -> Iterator[np.ndarray]:
-        for batch in self.batches(epoch):
-            yield self.shard(batch, rank, world_size)

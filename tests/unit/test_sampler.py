@@ -62,9 +62,8 @@ def test_worker_shards_make_up_the_global_batch(case, world_size):
     """Every worker builds the same plan and takes rank::world_size; together they see the global batch."""
     strata, batch_size, seed, drop_last = case
     sampler = StratifiedBatchSampler(np.array(strata), batch_size, seed=seed, drop_last=drop_last)
-    per_worker = [list(sampler.worker_batches(1, rank, world_size)) for rank in range(world_size)]
-    for i, batch in enumerate(sampler.batches(1)):
-        shards = [per_worker[r][i] for r in range(world_size)]
+    for batch in sampler.batches(1):
+        shards = [sampler.shard(batch, rank, world_size) for rank in range(world_size)]
         assert sorted(np.concatenate(shards).tolist()) == sorted(batch.tolist())
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
