@@ -334,7 +334,9 @@ def test_packed_and_padded_micro_batches_take_the_same_steps(tiny_llama_dir):
                                                      regularizer="gr", gr_gamma=1.0, gr_fd_eps=1e-2))
         rows = [learner.step(_batch(engine=[[-1.0] * len(r) for r in RESPONSES])) for _ in range(2)]
         runs[pack] = (_params(learner), rows)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[0][0], runs[64][0]))
+    # Packed rows change the attention's summation order, and GR's finite difference (g2 - g1) / eps magnifies
+    # it: on one CPU the weights agree to 1e-6, on another to 1.2e-5, ~1% of the two Adam steps of 1e-3 each.
+    assert all(torch.allclose(a, b, atol=5e-5) for a, b in zip(runs[0][0], runs[64][0]))
     for a, b in zip(runs[0][1], runs[64][1]):
         for key in ("policy/loss", "policy/grad_norm", "gr/g2_norm", "policy/entropy", "policy/kl_to_initial"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
