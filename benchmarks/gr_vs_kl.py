@@ -49,10 +49,10 @@ GOLD = "eval/gold_gold_rm_mean"  # the held-out gold RM score, the headline
 COLUMNS = {"gold_final": GOLD, "lexicon_final": "eval/gold_vader_mean", "proxy_final": "eval/reward_mean",
            "kl_final": "policy/kl_to_initial", "tokens_final": "eval/response_tokens_mean",
            "eos_final": "eval/finished_fraction"}
-# (name, column, row): every final figure, and for the held-out ones the initial policy's (step 0) beside it
-RUN_LOGS = ROOT / "benchmarks" / "results" / f"{RESULT}_runs"
+RUN_LOGS = ROOT / "benchmarks" / "results" / f"{RESULT}_runs"  # the kept logs: these columns of each run's rl.csv
 PLOTTED = ["reward_mean", "gold_gold_rm_mean", "response_tokens_mean", "policy/kl_to_initial"]
 LOGGED = ["step", *PLOTTED, *(c for c in COLUMNS.values() if c not in PLOTTED)]
+# (name, column, row): every final figure, and for the held-out ones the initial policy's (step 0) beside it
 FIGURES = [(key, column, -1) for key, column in COLUMNS.items()] + [
     (key.replace("final", "initial"), column, 0) for key, column in COLUMNS.items() if column.startswith("eval/")]
 
