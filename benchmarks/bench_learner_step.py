@@ -1,5 +1,5 @@
 """What the policy learner's batch layout saves: a step on right-padded rows with a forward pass of its own for
-the old log-probs (the learner before this change), on packed rows (`rl.pack_tokens=512`), and on packed rows
+the old log-probs (how the learner worked before), on packed rows (`rl.pack_tokens=512`), and on packed rows
 taking the old log-probs from the first gradient pass, in the same process. (The default now is right-padded rows
 with the first-pass log-probs: packing did not pay on this CPU.)
 
