@@ -5,10 +5,16 @@ driver's stdout and stderr), Ray Data progress bars, model load reports. `StageC
 1 and 2 at the run's log file while a stage runs, so what Ray's threads, C extensions and child processes write
 lands there too (redirecting `sys.stdout` alone would miss them), and keeps a handle on the real terminal for its
 own lines. Verbose, it leaves the descriptors alone.
+
+A logging handler made during a stage (Ray Data's, the first time a stage uses it) takes `sys.stderr`, the stage's
+log stream, as its own; that stream is closed when the stage ends, so such handlers are then pointed at whatever
+`sys.stderr` is when they write (the next stage's log, or the terminal): otherwise every later record is a
+"Logging error" traceback.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -18,6 +24,28 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 T = TypeVar("T")
+
+
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time, as `logging.lastResort` does."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_CURRENT_STDERR = _CurrentStderr()
+
+
+def _repoint_handlers(old: IO[str]) -> None:
+    """Every logging stream handler writing to `old` writes to the current `sys.stderr` from now on."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for handler in (h for lg in loggers for h in lg.handlers):
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(_CURRENT_STDERR)
 
 
 class StageConsole:
@@ -53,6 +81,7 @@ class StageConsole:
             finally:
                 fh.flush()
                 sys.stdout, sys.stderr = streams
+                _repoint_handlers(fh)
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
                 for fd in saved:

@@ -54,3 +54,24 @@ def test_verbose_leaves_the_output_on_the_terminal(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "python print" in out and "child stderr" in err and "[1/1] bench" in out
     assert not (tmp_path / "run.log").exists()
+
+
+def test_a_logging_handler_made_during_a_stage_keeps_working_after_it(tmp_path, capfd):
+    """Ray sets up its logging handler the first time a stage starts it, on the stream the stage had as stderr;
+    the records of later stages must land in the log, not as "Logging error" tracebacks on a closed file."""
+    import logging
+
+    log = logging.getLogger("ray_crm.test_console")
+    log.propagate = False
+    console = StageConsole(tmp_path / "run.log", total=2)
+    try:
+        console.stage("prepare", lambda: log.addHandler(logging.StreamHandler()))
+        console.stage("train-rm", lambda: log.warning("a record of the next stage"))
+    finally:
+        for handler in log.handlers[:]:
+            log.removeHandler(handler)
+        console.close()
+    out, err = capfd.readouterr()
+    text = (tmp_path / "run.log").read_text()
+    assert "a record of the next stage" in text
+    assert "Logging error" not in text + out + err
