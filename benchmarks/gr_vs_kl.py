@@ -22,12 +22,12 @@ the arms report on the test prompts. Each phase is one or more Ray Tune experime
 rollout seeds (`rollout.seed`; the LoRA adapter starts at the base policy whatever `rl.seed`).
 
 Arms: `none`; `kl_<beta>` (k3 KL to the initial policy); `reset_<period>` (KL to a reference renewed every
-period steps); `gr_<gamma>` (gamma from the tune phase, or `--gamma`); `crm_none` and `crm_gr_<gamma>` (the
-causal RM as proxy). Report per arm: the seeds' final held-out gold and proxy scores (mean, standard error, and
-for the gold RM a 95% t interval), KL to the initial policy and response length; held-out gold differences
-paired by seed (each arm's gain over its initial policy, each GR arm against the other arms of its proxy) with
-95% t intervals; and curves (proxy and gold against step, gold against KL: the training rollouts' scores,
-measured every step).
+period steps); `gr_<gamma>` (gamma from the tune phase, or `--gamma`, and any `--extra-gammas`); `crm_none` and
+`crm_gr_<gamma>` (the causal RM as proxy, the chosen gamma). Report per arm: the seeds' final held-out gold and
+proxy scores (mean, standard error, and for the gold RM a 95% t interval), KL to the initial policy and response
+length; held-out gold differences paired by seed (each arm's gain over its initial policy, each GR arm against
+the other arms of its proxy) with 95% t intervals; and curves (proxy and gold against step, gold against KL: the
+training rollouts' scores, measured every step).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def base_overrides(args: argparse.Namespace, proxy: str, prompts: str) -> list[s
 
 def arms(args: argparse.Namespace, gamma: float) -> dict[str, tuple[str, list[str]]]:
     """Arm name -> (which demo RM is the proxy, its overrides), in the order they run."""
-    out = {"none": ("bt", ["rl.regularizer=none"]), f"gr_{gamma:g}": ("bt", ["rl.regularizer=gr", f"rl.gr_gamma={gamma}"])}
+    out = {"none": ("bt", ["rl.regularizer=none"])}
+    out |= {f"gr_{g:g}": ("bt", ["rl.regularizer=gr", f"rl.gr_gamma={g}"]) for g in [gamma, *args.extra_gammas]}
     out |= {f"kl_{b:g}": ("bt", ["rl.regularizer=kl", f"rl.kl_beta={b}"]) for b in args.betas}
     out |= {f"reset_{p}": ("bt", ["rl.regularizer=reset", f"rl.kl_beta={args.betas[0]}", f"rl.reset_every={p}"])
             for p in args.periods}
@@ -173,10 +174,12 @@ def contrasts(arms: dict[str, dict]) -> dict[str, dict]:
                 else math.nan, "gold_diff_ci95": t_interval(values)}
 
     out = {f"{arm} - initial": paired(r, None) for arm, r in arms.items()}
-    for gr in (a for a in arms if a.startswith(("gr_", "crm_gr_"))):
+    grs = [a for a in arms if a.startswith(("gr_", "crm_gr_"))]
+    for gr in grs:
         for other, summary in arms.items():
-            if other != gr and other.startswith("crm_") == gr.startswith("crm_"):  # the same proxy
-                out[f"{gr} - {other}"] = paired(arms[gr], summary)
+            if other in grs[:grs.index(gr) + 1] or other.startswith("crm_") != gr.startswith("crm_"):
+                continue  # itself, a GR arm already compared with it, or another proxy
+            out[f"{gr} - {other}"] = paired(arms[gr], summary)
     return out
 
 
@@ -221,6 +224,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="tune: the GR grid")
     parser.add_argument("--gamma", type=float, help="arms: GR's gamma (default: the tune phase's choice)")
+    parser.add_argument("--extra-gammas", type=float, nargs="*", default=[],
+                        help="more `gr_<gamma>` arms beside the chosen one (for example one aimed at a KL arm's KL)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.2], help="KL arms' rl.kl_beta")
     parser.add_argument("--periods", type=int, nargs="+", default=[5, 10], help="reset arms' rl.reset_every")
     parser.add_argument("--eval-samples", type=int, default=16,
@@ -260,7 +265,7 @@ def main() -> None:
     previous = json.loads(out.read_text())["arms"] if out.is_file() else {}
     carried = [arm for arm, per_seed in curves.items() if not per_seed and arm in previous]
     result = {"command": "python benchmarks/gr_vs_kl.py " + " ".join(sys.argv[1:]), "steps": args.steps,
-              "gamma": gamma, "gold": "held-out test prompts, gold RM (configs/gold_rm.yaml); lexicon beside",
+              "gamma": gamma, "extra_gammas": args.extra_gammas, "gold": "held-out test prompts, gold RM (configs/gold_rm.yaml); lexicon beside",
               "arms": {arm: summarize(per_seed) if per_seed else previous[arm] for arm, per_seed in curves.items()
                        if per_seed or arm in carried},
               "arms_not_run": [arm for arm, per_seed in curves.items()
