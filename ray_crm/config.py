@@ -113,6 +113,10 @@ class LossConfig(Section):
     variant: Literal["unconditional", "conditional"] = "unconditional"
     lambda_mmd: float = Field(0.0, ge=0.0)
     beta: float = Field(0.1, gt=0.0, description="DPO's inverse temperature (dpo, ipo, causal_dpo)")
+    balance: Literal["none", "mirror"] = Field("none", description=(
+        "pair weights of the BT / DPO term: `mirror` makes each (bin of chosen, bin of rejected) stratum of the "
+        "training split weigh as much as its mirror, so Z's direction teaches the loss nothing "
+        "(ray_crm.losses.pair_weights); the penalty is unchanged"))
     mmd: MMDConfig = Field(default_factory=MMDConfig)
 
     @property
@@ -131,6 +135,8 @@ class LossConfig(Section):
             unused["mmd.on"] = "causal_dpo's penalty is on the implicit reward; there is no pooled representation"
         if not self.trains_policy:
             unused["beta"] = f"loss.type={self.type} trains a reward head; beta is DPO's (dpo, ipo, causal_dpo)"
+        if self.type == "ipo":
+            unused["balance"] = "ipo's squared loss takes no pair weights; set loss.type=dpo or causal_dpo"
         _reject_unused(self, unused)
         return self
 
@@ -750,11 +756,15 @@ def run_name(cfg: Config) -> str:
     keyed["data"].pop("twins", None)  # scored, never trained on
     if not cfg.loss.trains_policy:
         keyed["loss"].pop("beta")  # read by DPO alone: reward models keep the names they had before it existed
+    if cfg.loss.balance == "none":
+        keyed["loss"].pop("balance")  # likewise: unweighted runs keep their names
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     loss = cfg.loss
     tag = loss.type + (f"-b{loss.beta:g}" if loss.trains_policy else "")
     if loss.type in PENALIZED_LOSSES:
         tag += f"-{loss.variant[:4]}-l{loss.lambda_mmd:g}"
+    if loss.balance != "none":
+        tag += f"-{loss.balance}"
     return f"{cfg.name}-{tag}-{digest}"
 
 

@@ -3,6 +3,7 @@ and the registry of pair losses by name that `loss.type` selects."""
 
 from ray_crm.losses.distributed import gather_global
 from ray_crm.losses.mmd import MMDConfig, MMDStats, binned_mmd_penalty, mmd2
+from ray_crm.losses.pair_weights import mirror_balance_weights
 from ray_crm.losses.preference import (
     bradley_terry_loss,
     bt_calibration_scale,
@@ -30,6 +31,7 @@ __all__ = [
     "gather_global",
     "implicit_rewards",
     "ipo_loss",
+    "mirror_balance_weights",
     "mmd2",
     "pair_loss",
 ]

@@ -31,9 +31,11 @@ def _pair_metrics(chosen: Tensor, rejected: Tensor) -> Metrics:
     }
 
 
-def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Metrics]:
-    """-mean log sigmoid(r_w - r_l); logsigmoid keeps large negative margins finite."""
-    loss = -F.logsigmoid(chosen - rejected).mean()
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Metrics]:
+    """-mean w * log sigmoid(r_w - r_l) (w: per-pair weights, 1 when not given); logsigmoid keeps large negative
+    margins finite."""
+    terms = F.logsigmoid(chosen - rejected)
+    loss = -(terms if weights is None else weights * terms).mean()
     return loss, {"loss/preference": loss.detach(), **_pair_metrics(chosen, rejected)}
 
 
@@ -81,18 +83,20 @@ def crm_loss(
     chosen_features: Tensor | None = None,
     rejected_features: Tensor | None = None,
     global_batch: bool = False,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """Causal reward model loss: L_BT + lam * MMD penalty across the bins of Z.
 
     The penalty is over the scalar rewards, or over representations when chosen_features / rejected_features
-    ([B, D], e.g. the pooled hidden state) are given. With lam == 0 the loss is the plain Bradley-Terry loss,
+    ([B, D], e.g. the pooled hidden state) are given. weights weigh each pair's BT term
+    (`ray_crm.losses.pair_weights`); the penalty is over the rewards as they are. With lam == 0 the loss is the plain Bradley-Terry loss,
     bit for bit; the penalty is still computed, without gradient, because it measures the vanilla model's bias.
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     if (chosen_features is None) != (rejected_features is None):
         raise ValueError("give both chosen_features and rejected_features, or neither")
-    loss, metrics = bradley_terry_loss(chosen_rewards, rejected_rewards)
+    loss, metrics = bradley_terry_loss(chosen_rewards, rejected_rewards, weights)
     chosen = chosen_rewards if chosen_features is None else chosen_features
     rejected = rejected_rewards if rejected_features is None else rejected_features
     with torch.set_grad_enabled(torch.is_grad_enabled() and lam != 0):

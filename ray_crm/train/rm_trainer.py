@@ -35,6 +35,7 @@ from ray_crm.losses import (
     bt_calibration_scale,
     crm_loss,
     gather_global,
+    mirror_balance_weights,
     pair_loss,
 )
 from ray_crm.models.loading import load_pair_model, load_tokenizer, pad_pairs, pad_sequences, score
@@ -105,6 +106,8 @@ def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], settings: PairLossSe
     feats = {} if reps is None else {"chosen_features": reps[:n], "rejected_features": reps[n:]}
     bins_c = torch.as_tensor(rows["bin_chosen"], dtype=torch.long, device=device)
     bins_r = torch.as_tensor(rows["bin_rejected"], dtype=torch.long, device=device)
+    if "weight" in rows:
+        feats["weights"] = torch.as_tensor(rows["weight"], dtype=rewards.dtype, device=device)
     return pair_loss(cfg.loss.type)(rewards[:n], rewards[n:], bins_c, bins_r, settings, global_batch=global_batch,
                                     **feats)
 
@@ -296,6 +299,8 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg.train, cfg.model, world))
     train_rows = _materialise(ray.train.get_dataset_shard("train"))
+    if cfg.loss.balance == "mirror":  # every worker holds the whole split: the same weights on every rank
+        train_rows["weight"] = mirror_balance_weights(train_rows["bin_chosen"], train_rows["bin_rejected"])
     z_columns = tuple(f"z_{z.name}_{side}" for z in cfg.data.spurious for side in ("chosen", "rejected"))
     val_rows = _materialise(ray.train.get_dataset_shard("validation"), COLUMNS + z_columns)
     twins = encode_twins(cfg)

@@ -68,17 +68,18 @@ def test_zero2_crm_trains_and_lowers_the_loss(prepared):
     assert (train["mmd/penalty"] >= 0).all() and train["mmd/penalty"].max() > 0
 
 
-def test_zero3_conditional_export_scores_as_the_trainer_did(prepared, tiny_bert_dir):
+def test_zero3_conditional_mirror_weighted_export_scores_as_the_trainer_did(prepared, tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     cfg = _cfg(prepared, "train.zero_stage=3", "loss.type=crm", "loss.variant=conditional",
-               "loss.lambda_mmd=0.5", "train.max_steps=8")
+               "loss.lambda_mmd=0.5", "train.max_steps=8", "loss.balance=mirror")
     result = run_train_rm(cfg)
     merged = Path(result["model"])
     export = merged.parent
-    assert (export / "adapter" / "adapter_config.json").exists()
+    assert (export / "adapter" / "adapter_config.json").exists() and export.parent.name.endswith(
+        f"-mirror-{run_name(cfg).rsplit('-', 1)[1]}")
     card = json.loads((export / "model_card.json").read_text())
-    assert card["config"]["loss"]["variant"] == "conditional"
+    assert card["config"]["loss"]["variant"] == "conditional" and card["config"]["loss"]["balance"] == "mirror"
     # the export's reward is calibrated on the validation pairs: never a worse held-out BT loss than as trained
     cal = card["reward_calibration"]
     assert cal["scale"] > 0 and cal["val_bt_loss_calibrated"] <= cal["val_bt_loss"] + 1e-9

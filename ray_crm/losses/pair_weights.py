@@ -1,0 +1,35 @@
+"""Pair weights that take the spurious variable's direction out of the Bradley-Terry loss (`loss.balance`).
+
+When Z sits on the chosen response far more often than on the rejected one (the flattering phrase on the right
+answer in 80% of pairs), the BT loss is met by Z alone and the content is learned slowly or not at all; the MMD
+penalty then fights that shortcut instead of the data never teaching it. Mirror weights make every stratum
+(bin of the chosen, bin of the rejected) weigh as much as its mirror (the bins swapped): under them "Z higher on
+the chosen side" is as common as "Z higher on the rejected side", so Z's direction carries no net signal in
+the loss while the content's does. It is importance weighting towards the data in which the preference label
+and Z's direction are independent, the distribution the causal RM's penalty aims at.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mirror_balance_weights(bin_chosen: np.ndarray, bin_rejected: np.ndarray) -> np.ndarray:
+    """Per pair, (n(i, j) + n(j, i)) / (2 n(i, j)) for its stratum (i, j) = (bin of chosen, bin of rejected),
+    rescaled to mean 1 over the pairs given (the training split).
+
+    Pairs in equal bins, and strata whose mirror never occurs (nothing to balance against), keep weight 1
+    before the rescaling. Each stratum and its mirror then carry equal total weight, and the pair of them as much
+    as before.
+    """
+    chosen, rejected = np.asarray(bin_chosen, dtype=np.int64), np.asarray(bin_rejected, dtype=np.int64)
+    if chosen.shape != rejected.shape or chosen.ndim != 1:
+        raise ValueError(f"bins must be two 1-d arrays of one length, got {chosen.shape} and {rejected.shape}")
+    if chosen.size == 0:
+        return np.ones(0)
+    size = int(max(chosen.max(), rejected.max())) + 1
+    counts = np.zeros((size, size))
+    np.add.at(counts, (chosen, rejected), 1)
+    mine, mirror = counts[chosen, rejected], counts[rejected, chosen]
+    weights = np.where((chosen != rejected) & (mirror > 0), (mine + mirror) / (2 * mine), 1.0)
+    return weights / weights.mean()
