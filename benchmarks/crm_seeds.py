@@ -4,6 +4,7 @@ trained with several seeds, reported on test with mean +- standard error and a 9
     python benchmarks/crm_seeds.py --bench length          # -> benchmarks/results/crm_length.json (+ .md)
     python benchmarks/crm_seeds.py --bench sycophancy --lambdas 10 100 --seeds 0 1 2 --set train.lr=5e-4
     python benchmarks/crm_seeds.py --family dpo --bench length --lambdas 0.03 0.3   # -> results/cdpo_<bench>.json
+    python benchmarks/crm_seeds.py --bench sycophancy --lambdas 1 --causal-set loss.balance=mirror --out ...
 
 `--family dpo` trains policies with Causal DPO (`configs/dpo_<bench>.yaml`, `ray-crm train-dpo`; lambda 0 is plain
 DPO step for step) and scores each by its implicit reward beta * log(pi / pi_ref), read as a reward model.
@@ -108,6 +109,8 @@ def markdown(result: dict) -> str:
         lo, hi = cut["ci95"]
         lines.append(f"- cut of |{key}| at lambda {result['chosen_lambda']:g}: {100 * cut['mean']:.1f}% "
                      f"(95% CI {100 * lo:.1f}% to {100 * hi:.1f}%; seeds: {', '.join(f'{100 * v:.1f}%' for v in cut['values'])})")
+    if result.get("causal_overrides"):
+        lines.append(f"- the lambda > 0 models trained with {', '.join(result['causal_overrides'])}; vanilla without")
     acc, spread = result["accuracy_change"], result["spread_ratio"]
     lines.append(f"- clean accuracy change: {acc['mean']:+.1f} points (95% CI {acc['ci95'][0]:+.1f} to {acc['ci95'][1]:+.1f})")
     lines.append(f"- reward spread, causal / vanilla: {spread['mean']:.2f} (seeds: {', '.join(f'{v:.2f}' for v in spread['values'])})")
@@ -133,6 +136,9 @@ def main() -> None:
                         "a finished grid); the report uses the models of every crm_<bench>* sweep trained as this one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a dotted config override for every model, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--causal-set", dest="causal_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for the lambda > 0 models only, e.g. --causal-set loss.balance=mirror: the "
+                        "vanilla models stay plain (they are then trained by a sweep of their own)")
     args = p.parse_args()
 
     family = FAMILIES[args.family]
@@ -151,15 +157,22 @@ def main() -> None:
     if not (prepared / "manifest.json").is_file():
         run_stage("prepare", cfg)
     grid = sorted({0.0, *args.lambdas})
-    space = (f"sweep.space={{loss.lambda_mmd: {{grid: {grid}}}, train.seed: {{grid: {args.seeds}}}}}")
-    sweep_cfg = load_config(config,
-                            [*base, f"loss.type={family['loss']}", f"loss.variant={args.variant}", space,
-                             f"sweep.stage={family['stage']}",
-                             "sweep.metric=val_balanced_accuracy", "sweep.bias_metric=val_ci_gap_std",
-                             f"output_dir={Path(cfg.output_dir).resolve()}",
-                             "sweep.resume=true"])
+
+    def sweep_config(lambdas: list[float], suffix: str = "", extra: tuple[str, ...] = ()):
+        space = f"sweep.space={{loss.lambda_mmd: {{grid: {lambdas}}}, train.seed: {{grid: {args.seeds}}}}}"
+        return load_config(config, [*base, f"loss.type={family['loss']}", f"loss.variant={args.variant}", space,
+                                    f"sweep.stage={family['stage']}", f"name={name}{args.experiment}{suffix}",
+                                    "sweep.metric=val_balanced_accuracy", "sweep.bias_metric=val_ci_gap_std",
+                                    f"output_dir={Path(cfg.output_dir).resolve()}", "sweep.resume=true", *extra])
+
+    if args.causal_overrides:  # the vanilla models by themselves, the causal ones with their own settings
+        runs = [sweep_config([0.0]), sweep_config(sorted(args.lambdas), "-causal", tuple(args.causal_overrides))]
+    else:
+        runs = [sweep_config(grid)]
+    sweeps = {"vanilla": runs[0], "causal": runs[-1]}  # whose training settings each kind of model must have
     if not args.no_sweep:
-        run_stage("sweep", sweep_cfg)
+        for sweep_cfg in runs:
+            run_stage("sweep", sweep_cfg)
 
     rows, seen = [], set()
     for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}*-*/{family['stage']}/*/export/model_card.json")):
@@ -167,7 +180,7 @@ def main() -> None:
         c = card["config"]
         key = (c["loss"]["lambda_mmd"], c["train"]["seed"])
         if (c["loss"]["variant"] != args.variant or key[0] not in grid or key[1] not in args.seeds or key in seen
-                or not same_training(c, sweep_cfg)):
+                or not same_training(c, sweeps["vanilla" if key[0] == 0 else "causal"])):
             continue
         seen.add(key)
         rows.append({"lambda": c["loss"]["lambda_mmd"], "seed": c["train"]["seed"], "model": str(card_path.parent / "merged"),
@@ -176,6 +189,7 @@ def main() -> None:
     if args.validation_only:
         write_json(out.with_name(f"{name}_validation.json"), {
             "bench": args.bench, "family": args.family, "variant": args.variant, "overrides": args.overrides,
+            "causal_overrides": args.causal_overrides,
             "command": " ".join(["python", "benchmarks/crm_seeds.py", *sys.argv[1:]]),
             "note": "validation figures of the models trained so far; no test evaluation, no lambda chosen",
             "models": rows})
@@ -211,7 +225,8 @@ def main() -> None:
     acc_gain = list(np.subtract(test_values(chosen, "accuracy"), test_values(0.0, "accuracy")))
     spread = list(np.divide(test_values(chosen, "reward_scale"), test_values(0.0, "reward_scale")))
     result = {
-        "bench": args.bench, "family": args.family, "variant": args.variant, "lambdas": grid, "seeds": args.seeds, "overrides": args.overrides,
+        "bench": args.bench, "family": args.family, "variant": args.variant, "lambdas": grid, "seeds": args.seeds,
+        "overrides": args.overrides, "causal_overrides": args.causal_overrides,
         "command": " ".join(["python", "benchmarks/crm_seeds.py", *sys.argv[1:]]),
         "selection": f"lowest mean val_ci_gap_std within {args.max_accuracy_drop:g} of the best mean val_balanced_accuracy",
         "chosen_lambda": chosen, "headline": headline, "cuts": cuts,
