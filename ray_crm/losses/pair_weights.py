@@ -6,7 +6,8 @@ penalty then fights that shortcut instead of the data never teaching it. Mirror 
 (bin of the chosen, bin of the rejected) weigh as much as its mirror (the bins swapped): under them "Z higher on
 the chosen side" is as common as "Z higher on the rejected side", so Z's direction carries no net signal in
 the loss while the content's does. It is importance weighting towards the data in which the preference label
-and Z's direction are independent, the distribution the causal RM's penalty aims at.
+and Z's direction are independent, the distribution the causal RM's penalty aims at. Off by default: on the
+project's sycophancy and length benchmarks it did not help (docs/training.md says how it failed).
 """
 
 from __future__ import annotations

@@ -89,8 +89,9 @@ def crm_loss(
 
     The penalty is over the scalar rewards, or over representations when chosen_features / rejected_features
     ([B, D], e.g. the pooled hidden state) are given. weights weigh each pair's BT term
-    (`ray_crm.losses.pair_weights`); the penalty is over the rewards as they are. With lam == 0 the loss is the plain Bradley-Terry loss,
-    bit for bit; the penalty is still computed, without gradient, because it measures the vanilla model's bias.
+    (`ray_crm.losses.pair_weights`); the penalty is over the rewards as they are. With lam == 0 the loss is the
+    plain Bradley-Terry loss, bit for bit; the penalty is still computed, without gradient, because it measures
+    the vanilla model's bias.
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
