@@ -10,9 +10,9 @@ phrase is on the rejected side as often as on the chosen one (mirror-balanced by
     ray-crm train-rm --config configs/bench_sycophancy.yaml name=probe_strip \
         data.output_dir=outputs/probe_strip/prepare "data.paths.train=[outputs/bench_strip/train.parquet]" train.lr=5e-4
 
-Resampling draws as many pairs as the file holds, with replacement, with probability proportional to
-`mirror_balance_weights` of (phrase on the chosen, phrase on the rejected); the prepare stage quarantines
-duplicate pairs, so the k-th copy of a pair gets k trailing spaces on its prompt, which the tokenizer drops.
+Resampling draws as many pairs as the file holds with `mirror_resample_index` of (phrase on the chosen, phrase on
+the rejected), as `loss.balance=mirror_sample` does inside the trainer; the prepare stage quarantines duplicate
+pairs, so the k-th copy of a pair gets k trailing spaces on its prompt, which the tokenizer drops.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ray_crm.eval.benchmarks import PREFIX
-from ray_crm.losses import mirror_balance_weights
+from ray_crm.losses import mirror_resample_index
 
 
 def main() -> None:
@@ -40,8 +39,7 @@ def main() -> None:
             pairs[side] = pairs[side].str.replace(f"{PREFIX} ", "", regex=False)
     else:
         on = {side: pairs[side].str.startswith(PREFIX).astype(int).to_numpy() for side in ("chosen", "rejected")}
-        weights = mirror_balance_weights(on["chosen"], on["rejected"])
-        idx = np.random.default_rng(args.seed).choice(len(pairs), size=len(pairs), p=weights / weights.sum())
+        idx = mirror_resample_index(on["chosen"], on["rejected"], seed=args.seed)
         pairs = pairs.iloc[idx].reset_index(drop=True)
         copy = pairs.groupby(idx).cumcount().to_numpy()
         pairs["prompt"] = [prompt + " " * int(k) for prompt, k in zip(pairs.prompt, copy, strict=True)]

@@ -113,10 +113,11 @@ class LossConfig(Section):
     variant: Literal["unconditional", "conditional"] = "unconditional"
     lambda_mmd: float = Field(0.0, ge=0.0)
     beta: float = Field(0.1, gt=0.0, description="DPO's inverse temperature (dpo, ipo, causal_dpo)")
-    balance: Literal["none", "mirror"] = Field("none", description=(
-        "pair weights of the BT / DPO term: `mirror` makes each (bin of chosen, bin of rejected) stratum of the "
-        "training split weigh as much as its mirror, so Z's direction teaches the loss nothing "
-        "(ray_crm.losses.pair_weights); the penalty is unchanged"))
+    balance: Literal["none", "mirror", "mirror_sample"] = Field("none", description=(
+        "balance of the training pairs: `mirror` weighs each (bin of chosen, bin of rejected) stratum of the "
+        "training split as much as its mirror in the BT / DPO term, so Z's direction teaches the loss nothing; "
+        "`mirror_sample` reaches the same balance by resampling the split once per run (seeded by train.seed) "
+        "and trains unweighted (ray_crm.losses.pair_weights)"))
     mmd: MMDConfig = Field(default_factory=MMDConfig)
 
     @property
@@ -135,8 +136,8 @@ class LossConfig(Section):
             unused["mmd.on"] = "causal_dpo's penalty is on the implicit reward; there is no pooled representation"
         if not self.trains_policy:
             unused["beta"] = f"loss.type={self.type} trains a reward head; beta is DPO's (dpo, ipo, causal_dpo)"
-        if self.type == "ipo":
-            unused["balance"] = "ipo's squared loss takes no pair weights; set loss.type=dpo or causal_dpo"
+        if self.type == "ipo" and self.balance == "mirror":
+            unused["balance"] = "ipo's squared loss takes no pair weights; set loss.balance=mirror_sample, or loss.type=dpo or causal_dpo"
         _reject_unused(self, unused)
         return self
 

@@ -3,7 +3,7 @@ and the registry of pair losses by name that `loss.type` selects."""
 
 from ray_crm.losses.distributed import gather_global
 from ray_crm.losses.mmd import MMDConfig, MMDStats, binned_mmd_penalty, mmd2
-from ray_crm.losses.pair_weights import mirror_balance_weights
+from ray_crm.losses.pair_weights import mirror_balance_weights, mirror_resample_index
 from ray_crm.losses.preference import (
     bradley_terry_loss,
     bt_calibration_scale,
@@ -32,6 +32,7 @@ __all__ = [
     "implicit_rewards",
     "ipo_loss",
     "mirror_balance_weights",
+    "mirror_resample_index",
     "mmd2",
     "pair_loss",
 ]

@@ -6,8 +6,13 @@ penalty then fights that shortcut instead of the data never teaching it. Mirror 
 (bin of the chosen, bin of the rejected) weigh as much as its mirror (the bins swapped): under them "Z higher on
 the chosen side" is as common as "Z higher on the rejected side", so Z's direction carries no net signal in
 the loss while the content's does. It is importance weighting towards the data in which the preference label
-and Z's direction are independent, the distribution the causal RM's penalty aims at. Off by default: on the
-project's sycophancy and length benchmarks it did not help (docs/training.md says how it failed).
+and Z's direction are independent, the distribution the causal RM's penalty aims at.
+
+The same balance can be reached by resampling (`mirror_resample_index`, `loss.balance=mirror_sample`): the pairs
+are drawn once per run with probability proportional to their weights. When a stratum is rare (the phrase on the
+rejected answer in 4% of the sycophancy pairs, weight 8.5), weights make each batch's pull swing with whether it
+holds one of those pairs, while resampled batches each carry both directions in equal share; on the sycophancy
+benchmark resampling got the content learned where weights did not (docs/training.md).
 """
 
 from __future__ import annotations
@@ -34,3 +39,11 @@ def mirror_balance_weights(bin_chosen: np.ndarray, bin_rejected: np.ndarray) -> 
     mine, mirror = counts[chosen, rejected], counts[rejected, chosen]
     weights = np.where((chosen != rejected) & (mirror > 0), (mine + mirror) / (2 * mine), 1.0)
     return weights / weights.mean()
+
+
+def mirror_resample_index(bin_chosen: np.ndarray, bin_rejected: np.ndarray, seed: int) -> np.ndarray:
+    """As many pair indices as there are pairs, drawn with replacement with probability proportional to
+    `mirror_balance_weights`: in expectation every stratum then holds as many pairs as its mirror. The draw
+    depends on (bins, seed) alone, so every worker holding the same rows draws the same indices."""
+    weights = mirror_balance_weights(bin_chosen, bin_rejected)
+    return np.random.default_rng(seed).choice(len(weights), size=len(weights), p=weights / weights.sum())

@@ -36,6 +36,7 @@ from ray_crm.losses import (
     crm_loss,
     gather_global,
     mirror_balance_weights,
+    mirror_resample_index,
     pair_loss,
 )
 from ray_crm.models.loading import load_pair_model, load_tokenizer, pad_pairs, pad_sequences, score
@@ -299,8 +300,11 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg.train, cfg.model, world))
     train_rows = _materialise(ray.train.get_dataset_shard("train"))
+    bins = (train_rows["bin_chosen"], train_rows["bin_rejected"])
     if cfg.loss.balance == "mirror":  # every worker holds the whole split: the same weights on every rank
-        train_rows["weight"] = mirror_balance_weights(train_rows["bin_chosen"], train_rows["bin_rejected"])
+        train_rows["weight"] = mirror_balance_weights(*bins)
+    elif cfg.loss.balance == "mirror_sample":  # likewise the same draw on every rank
+        train_rows = _take(train_rows, mirror_resample_index(*bins, seed=cfg.train.seed))
     z_columns = tuple(f"z_{z.name}_{side}" for z in cfg.data.spurious for side in ("chosen", "rejected"))
     val_rows = _materialise(ray.train.get_dataset_shard("validation"), COLUMNS + z_columns)
     twins = encode_twins(cfg)

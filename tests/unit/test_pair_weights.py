@@ -1,11 +1,11 @@
-"""Mirror pair weights: Z's direction teaches the weighted BT loss nothing, the content still does."""
+"""Mirror pair weights and resampling: Z's direction teaches the balanced BT loss nothing, the content still does."""
 
 import numpy as np
 import pytest
 import torch
 
 from ray_crm.config import load_config, run_name
-from ray_crm.losses import bradley_terry_loss, crm_loss, mirror_balance_weights
+from ray_crm.losses import bradley_terry_loss, crm_loss, mirror_balance_weights, mirror_resample_index
 
 
 def test_each_stratum_weighs_as_much_as_its_mirror():
@@ -71,3 +71,18 @@ def test_balance_is_in_the_run_name_only_when_set_and_refused_by_ipo():
     assert "-l1-mirror-" in run_name(mirror) and run_name(mirror) != run_name(plain)
     with pytest.raises(Exception, match="balance"):
         load_config(None, ["loss.type=ipo", "loss.balance=mirror"])
+    sampled = load_config(None, ["loss.type=ipo", "loss.balance=mirror_sample"])  # unweighted: ipo takes it
+    assert "-mirror_sample-" in run_name(sampled)
+
+
+def test_resampling_balances_the_strata_and_is_fixed_by_the_seed():
+    # the phrase (bin 1) on the chosen side in 800 pairs, on the rejected side in 40, 160 pairs in equal bins
+    chosen = np.array([1] * 800 + [0] * 40 + [0] * 160)
+    rejected = np.array([0] * 800 + [1] * 40 + [0] * 160)
+    idx = mirror_resample_index(chosen, rejected, seed=3)
+    assert len(idx) == 1000 and np.array_equal(idx, mirror_resample_index(chosen, rejected, seed=3))
+    assert not np.array_equal(idx, mirror_resample_index(chosen, rejected, seed=4))
+    on_chosen, on_rejected, equal = (idx < 800).sum(), ((idx >= 800) & (idx < 840)).sum(), (idx >= 840).sum()
+    # expected 420 / 420 / 160: binomial sd ~16, so 5 sd of room
+    assert abs(on_chosen - on_rejected) < 100 and abs(equal - 160) < 60
+    assert len(np.unique(idx[(idx >= 800) & (idx < 840)])) > 35  # the rare stratum is repeated, not dropped
