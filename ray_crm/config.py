@@ -112,6 +112,9 @@ class LossConfig(Section):
     type: Literal["bt", "crm", "dpo", "ipo", "causal_dpo"] = "bt"
     variant: Literal["unconditional", "conditional"] = "unconditional"
     lambda_mmd: float = Field(0.0, ge=0.0)
+    lambda_warmup: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "share of the run's optimizer steps over which the penalty's weight ramps linearly from 0 to lambda_mmd "
+        "(crm, causal_dpo); 0: full weight from the first step"))
     beta: float = Field(0.1, gt=0.0, description="DPO's inverse temperature (dpo, ipo, causal_dpo)")
     balance: Literal["none", "mirror", "mirror_sample"] = Field("none", description=(
         "balance of the training pairs: `mirror` weighs each (bin of chosen, bin of rejected) stratum of the "
@@ -131,6 +134,7 @@ class LossConfig(Section):
         unused = {}
         if self.type not in PENALIZED_LOSSES:
             unused["lambda_mmd"] = f"loss.type={self.type} trains without the MMD penalty; set loss.type=crm or causal_dpo"
+            unused["lambda_warmup"] = f"loss.type={self.type} has no penalty to ramp in; set loss.type=crm or causal_dpo"
             unused["mmd.on"] = f"loss.type={self.type} puts no penalty on representations; set loss.type=crm"
         if self.type == "causal_dpo":
             unused["mmd.on"] = "causal_dpo's penalty is on the implicit reward; there is no pooled representation"
@@ -759,11 +763,15 @@ def run_name(cfg: Config) -> str:
         keyed["loss"].pop("beta")  # read by DPO alone: reward models keep the names they had before it existed
     if cfg.loss.balance == "none":
         keyed["loss"].pop("balance")  # likewise: unweighted runs keep their names
+    if cfg.loss.lambda_warmup == 0:
+        keyed["loss"].pop("lambda_warmup")  # and so do runs without a ramp
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     loss = cfg.loss
     tag = loss.type + (f"-b{loss.beta:g}" if loss.trains_policy else "")
     if loss.type in PENALIZED_LOSSES:
         tag += f"-{loss.variant[:4]}-l{loss.lambda_mmd:g}"
+    if loss.lambda_warmup:
+        tag += f"-w{loss.lambda_warmup:g}"
     if loss.balance != "none":
         tag += f"-{loss.balance}"
     return f"{cfg.name}-{tag}-{digest}"

@@ -14,7 +14,7 @@ from ray_crm.losses.preference import (
     implicit_rewards,
     ipo_loss,
 )
-from ray_crm.losses.registry import PAIR_LOSSES, PairLossSettings, pair_loss
+from ray_crm.losses.registry import PAIR_LOSSES, PairLossSettings, pair_loss, warmed_up_lambda
 
 __all__ = [
     "PAIR_LOSSES",
@@ -35,4 +35,5 @@ __all__ = [
     "mirror_resample_index",
     "mmd2",
     "pair_loss",
+    "warmed_up_lambda",
 ]

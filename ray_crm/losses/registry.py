@@ -26,6 +26,18 @@ class PairLossSettings:
     beta: float = 0.1  # DPO's inverse temperature, already inside the implicit rewards; IPO's target reads it
 
 
+def warmed_up_lambda(lam: float, step: int, warmup_steps: int) -> float:
+    """The penalty's weight at optimizer step `step` (0-based): a linear ramp from 0 over `warmup_steps`.
+
+    A penalty at full weight from the first step can be met by keeping every reward where it starts (all equal,
+    so no bin differs from another) before the preference term has taught any content; ramping it in lets the
+    content be learned first and then cleaned of Z.
+    """
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return lam
+    return lam * step / warmup_steps
+
+
 PairLoss = Callable[..., tuple[Tensor, Metrics]]
 PAIR_LOSSES: dict[str, PairLoss] = {}
 

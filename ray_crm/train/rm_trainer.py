@@ -13,6 +13,7 @@ over world x micro pairs (each stratified on its own).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import tempfile
@@ -38,6 +39,7 @@ from ray_crm.losses import (
     mirror_balance_weights,
     mirror_resample_index,
     pair_loss,
+    warmed_up_lambda,
 )
 from ray_crm.models.loading import load_pair_model, load_tokenizer, pad_pairs, pad_sequences, score
 from ray_crm.models.logprobs import implicit_reward
@@ -325,6 +327,7 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_log = MetricsLog(Path(config["log_dir"]), "eval") if rank == 0 else None
     steps_per_epoch = len(sampler) // cfg.train.grad_accum
     max_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
+    warmup_steps = round(cfg.loss.lambda_warmup * max_steps)
     tick, pairs = time.perf_counter(), 0
 
     def report(reason: str) -> None:
@@ -342,7 +345,9 @@ def train_loop(config: dict[str, Any]) -> None:
         usable = len(plan) - len(plan) % cfg.train.grad_accum
         while state["micro_step"] < usable and state["step"] < max_steps:
             rows = _take(train_rows, sampler.shard(plan[state["micro_step"]], rank, world))
-            loss, metrics = _loss(cfg, engine, rows, settings, device, global_batch=world > 1)
+            lam = warmed_up_lambda(settings.lam, state["step"], warmup_steps)
+            loss, metrics = _loss(cfg, engine, rows, dataclasses.replace(settings, lam=lam), device,
+                                  global_batch=world > 1)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -354,7 +359,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if train_log is not None:
                 elapsed = time.perf_counter() - tick
                 train_log.write(state["step"], {**_scalar_metrics(metrics), "epoch": state["epoch"],
-                                          "pairs_per_s": pairs / elapsed, "lr": engine.get_lr()[0]})
+                                          "pairs_per_s": pairs / elapsed, "lr": engine.get_lr()[0],
+                                          "lambda": lam})
                 tick, pairs = time.perf_counter(), 0
             every = [n for n in (cfg.train.eval_every, cfg.train.checkpoint_every) if n]
             if any(state["step"] % n == 0 for n in every) and state["step"] < max_steps:

@@ -117,6 +117,7 @@ def test_an_rl_sweep_ranks_by_rl_metrics_and_refuses_data_keys():
 UNUSED = {  # a setting the chosen type ignores -> the key the error names, and the switch it blames
     ("loss.lambda_mmd=0.3",): ("loss.lambda_mmd", "loss.type=bt"),
     ("loss.mmd.on=representation",): ("loss.mmd.on", "loss.type=bt"),
+    ("loss.type=dpo", "loss.lambda_warmup=0.2"): ("loss.lambda_warmup", "no penalty to ramp in"),
     ("rl.regularizer=kl", "rl.gr_gamma=0.5"): ("rl.gr_gamma", "only rl.regularizer=gr"),
     ("rl.regularizer=none", "rl.gr_fd_eps=0.1"): ("rl.gr_fd_eps", "only rl.regularizer=gr"),
     ("rl.regularizer=reset", "rl.gr_g_clip=1.0"): ("rl.gr_g_clip", "only rl.regularizer=gr"),

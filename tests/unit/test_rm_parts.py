@@ -113,3 +113,14 @@ def test_prepared_data_with_other_bins_or_tokenizer_is_refused_naming_the_field(
     with pytest.raises(ValueError, match=r"data\.binning, model\.name"):
         check_prepared_for(load_config(None, [*spurious, "data.binning.min_count=5", "model.name=smollm2"]),
                            manifest, tmp_path)
+
+
+def test_the_penalty_ramps_in_linearly_and_a_ramp_renames_the_run():
+    from ray_crm.losses import warmed_up_lambda
+
+    assert [warmed_up_lambda(0.3, s, 4) for s in range(6)] == pytest.approx([0.0, 0.075, 0.15, 0.225, 0.3, 0.3])
+    assert warmed_up_lambda(0.3, 0, 0) == 0.3  # no ramp: full weight from the first step
+    plain = load_config(None, ["loss.type=crm", "loss.lambda_mmd=0.3"])
+    ramped = load_config(None, ["loss.type=crm", "loss.lambda_mmd=0.3", "loss.lambda_warmup=0.25"])
+    assert "-w" not in run_name(plain) and "-l0.3-w0.25-" in run_name(ramped)
+    assert run_name(plain) == run_name(load_config(None, ["loss.type=crm", "loss.lambda_mmd=0.3", "loss.lambda_warmup=0"]))
