@@ -24,21 +24,27 @@ def mirror_balance_weights(bin_chosen: np.ndarray, bin_rejected: np.ndarray) -> 
     """Per pair, (n(i, j) + n(j, i)) / (2 n(i, j)) for its stratum (i, j) = (bin of chosen, bin of rejected),
     rescaled to mean 1 over the pairs given (the training split).
 
-    Pairs in equal bins, and strata whose mirror never occurs (nothing to balance against), keep weight 1
-    before the rescaling. Each stratum and its mirror then carry equal total weight, and the pair of them as much
-    as before.
+    Pairs in equal bins, pairs with an unknown bin (negative id), and strata whose mirror never occurs (nothing
+    to balance against) keep weight 1 before the rescaling. Each stratum and its mirror then carry equal total
+    weight, and the pair of them as much as before. Raises when no pair can be balanced: a Z of the prompt
+    (concept, demographic) puts both responses in one bin, and the weights would all be 1.
     """
     chosen, rejected = np.asarray(bin_chosen, dtype=np.int64), np.asarray(bin_rejected, dtype=np.int64)
     if chosen.shape != rejected.shape or chosen.ndim != 1:
         raise ValueError(f"bins must be two 1-d arrays of one length, got {chosen.shape} and {rejected.shape}")
-    if chosen.size == 0:
-        return np.ones(0)
-    size = int(max(chosen.max(), rejected.max())) + 1
+    known = (chosen >= 0) & (rejected >= 0)
+    size = int(max(chosen.max(initial=0), rejected.max(initial=0))) + 1
     counts = np.zeros((size, size))
-    np.add.at(counts, (chosen, rejected), 1)
-    mine, mirror = counts[chosen, rejected], counts[rejected, chosen]
-    weights = np.where((chosen != rejected) & (mirror > 0), (mine + mirror) / (2 * mine), 1.0)
-    return weights / weights.mean()
+    np.add.at(counts, (chosen[known], rejected[known]), 1)
+    mine = np.where(known, counts[chosen.clip(0), rejected.clip(0)], 1.0)
+    mirror = np.where(known, counts[rejected.clip(0), chosen.clip(0)], 0.0)
+    balanced = known & (chosen != rejected) & (mirror > 0)
+    if chosen.size and not balanced.any():
+        raise ValueError("loss.balance: no training pair has its chosen and rejected responses in different bins of Z "
+                         "with the swapped bins also present, so mirror balance would change nothing (a Z of the "
+                         "prompt, such as concept or demographic, puts both responses in one bin); set loss.balance=none")
+    weights = np.where(balanced, (mine + mirror) / (2 * mine), 1.0)
+    return weights / weights.mean() if weights.size else weights
 
 
 def mirror_resample_index(bin_chosen: np.ndarray, bin_rejected: np.ndarray, seed: int) -> np.ndarray:

@@ -86,3 +86,14 @@ def test_resampling_balances_the_strata_and_is_fixed_by_the_seed():
     # expected 420 / 420 / 160: binomial sd ~16, so 5 sd of room
     assert abs(on_chosen - on_rejected) < 100 and abs(equal - 160) < 60
     assert len(np.unique(idx[(idx >= 800) & (idx < 840)])) > 35  # the rare stratum is repeated, not dropped
+
+
+def test_a_z_of_the_prompt_has_nothing_to_balance_and_unknown_bins_keep_unit_weight():
+    same = np.array([0, 1, 1, 0, 2])
+    with pytest.raises(ValueError, match="a Z of the prompt"):
+        mirror_balance_weights(same, same)
+    chosen, rejected = np.array([1, 1, 1, 0, -1, 1]), np.array([0, 0, 0, 1, 0, -1])
+    w = mirror_balance_weights(chosen, rejected)
+    assert w[:3].sum() == pytest.approx(w[3]) and w[4] == pytest.approx(w[5])  # unknown bins: weight 1 before rescaling
+    assert w[3] == pytest.approx(2 * w[4])  # the lone (0, 1) pair stands for (1 + 3) / 2 pairs; unknown ones for 1
+    assert mirror_balance_weights(np.array([], dtype=int), np.array([], dtype=int)).size == 0
