@@ -56,9 +56,9 @@ def _eval_log(cfg) -> pd.DataFrame:
     return pd.read_csv(cfg.stage_dir("train-rm") / run_name(cfg) / "logs" / "eval.csv")
 
 
-def test_zero2_crm_on_mirror_resampled_pairs_trains_and_lowers_the_loss(prepared):
+def test_zero2_crm_on_mirror_resampled_pairs_with_a_ramped_penalty_trains_and_lowers_the_loss(prepared):
     cfg = _cfg(prepared, "train.zero_stage=2", "loss.type=crm", "loss.lambda_mmd=0.5", "loss.balance=mirror_sample",
-               "train.epochs=2", "train.max_steps=30", "train.eval_every=5", "train.lr=0.01")
+               "loss.lambda_warmup=0.2", "train.epochs=2", "train.max_steps=30", "train.eval_every=5", "train.lr=0.01")
     result = run_train_rm(cfg)
     evals = _eval_log(cfg)
     assert evals["val_bt_loss"].iloc[-1] < evals["val_bt_loss"].iloc[0] - 0.05
@@ -66,6 +66,8 @@ def test_zero2_crm_on_mirror_resampled_pairs_trains_and_lowers_the_loss(prepared
     train = pd.read_csv(cfg.stage_dir("train-rm") / run_name(cfg) / "logs" / "train.csv")
     assert train["step"].tolist() == list(range(1, 31))
     assert (train["mmd/penalty"] >= 0).all() and train["mmd/penalty"].max() > 0
+    # the penalty's weight ramps over the first 20% of the 30 steps (6), logged at each step as used
+    assert train["lambda"].tolist() == pytest.approx([0.5 * s / 6 for s in range(6)] + [0.5] * 24)
 
 
 def test_zero3_conditional_mirror_weighted_export_scores_as_the_trainer_did(prepared, tiny_bert_dir):
