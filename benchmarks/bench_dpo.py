@@ -7,7 +7,9 @@ same batch of real length-benchmark pairs for both sides (chat template, each re
 `prepare` marks it, 10 length-quantile bins of the batch). A step is what the trainer does per micro-step: the implicit reward of the
 2B sequences (policy forward with gradient, reference forward with the adapter off), the loss from the registry
 (`dpo`, or `causal_dpo` conditional at lambda 0.1), backward and an AdamW step. Both sides run the same number of
-rounds, interleaved; the ratio is of the medians of CPU time, and every round is reported.
+rounds, interleaved; the ratio is of the medians of CPU time, and every round is reported. A third side,
+`dpo_precomputed`, takes the reference log-probs computed once before the rounds (`loss.reference=precomputed`):
+`reference_speedup` = its median over plain `dpo`'s.
 
 `--trl` also times TRL's `DPOTrainer` on the same pairs (repeated), model, LoRA, batch, beta, precision and threads
 (its reference: the adapter switched off, as ours), wall seconds per step after warm-up from a step-end callback,
@@ -34,7 +36,7 @@ from ray_crm.config import load_config
 from ray_crm.data.encode import PairEncoder
 from ray_crm.losses import MMDConfig, PairLossSettings, pair_loss
 from ray_crm.models.loading import load_policy_model, pad_sequences, tokenizer_at
-from ray_crm.models.logprobs import implicit_reward
+from ray_crm.models.logprobs import implicit_reward, sequence_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "dpo_step.json"
@@ -61,16 +63,21 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_policy_model(path, cfg.model.lora, pad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    arms = {"dpo": PairLossSettings(mmd=MMDConfig(num_bins=10)),
-            "causal_dpo": PairLossSettings(lam=0.1, variant="conditional", mmd=MMDConfig(num_bins=10))}
+    with torch.no_grad(), model.disable_adapter():
+        reference = sequence_logprobs(model, batch, starts)
+    plain = PairLossSettings(mmd=MMDConfig(num_bins=10))
+    arms = {"dpo": ("dpo", plain, None),
+            "causal_dpo": ("causal_dpo", PairLossSettings(lam=0.1, variant="conditional", mmd=MMDConfig(num_bins=10)), None),
+            "dpo_precomputed": ("dpo", plain, reference)}
     n = args.pairs
 
     wall: dict[str, list[float]] = {name: [] for name in arms}
 
     def step(name: str) -> float:
         t0, w0 = time.process_time(), time.perf_counter()
-        rewards = implicit_reward(model, batch, starts, cfg.loss.beta)
-        loss, _ = pair_loss(name)(rewards[:n], rewards[n:], bins[:n], bins[n:], arms[name])
+        loss_name, settings, ref = arms[name]
+        rewards = implicit_reward(model, batch, starts, cfg.loss.beta, ref)
+        loss, _ = pair_loss(loss_name)(rewards[:n], rewards[n:], bins[:n], bins[n:], settings)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -92,13 +99,14 @@ def main() -> None:
         "model": cfg.model.name, "pairs": n, "sequences": 2 * n, "tokens_per_sequence_max": int(batch["input_ids"].shape[1]),
         "cpu_seconds_per_step": rounds, "median": median,
         "causal_dpo_over_dpo": median["causal_dpo"] / median["dpo"],
+        "reference_speedup": median["dpo"] / median["dpo_precomputed"],
     }
     if args.trl:
         trl_steps = trl_seconds_per_step(path, frame, cfg, args.rounds)
         result.update(wall_seconds_per_step={"ours_dpo": wall["dpo"], "trl_dpo": trl_steps},
                       ours_over_trl_dpo=statistics.median(trl_steps) / statistics.median(wall["dpo"]))
     RESULTS.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("median", "causal_dpo_over_dpo", "ours_over_trl_dpo") if k in result},
+    print(json.dumps({k: result[k] for k in ("median", "causal_dpo_over_dpo", "reference_speedup", "ours_over_trl_dpo") if k in result},
                      indent=2))
 
 

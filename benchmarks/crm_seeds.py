@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from ray_crm.config import load_config
+from ray_crm.config import ConfigError, load_config, validate
 from ray_crm.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,11 @@ def choose_lambda(rows: list[dict], drop: float) -> float:
 
 def same_training(card_config: dict, cfg) -> bool:
     """Whether a model card's run was trained as `cfg` trains, but for its lambda and seed (sweeps of other
-    settings share the output folder)."""
+    settings share the output folder). A card written before a setting existed reads as having its default."""
+    try:
+        card_config = validate(card_config, "model card").model_dump(mode="json")
+    except ConfigError:
+        return False
     want = cfg.model_dump(mode="json")
     for section in ("model", "train", "data"):
         a, b = dict(card_config.get(section, {})), dict(want[section])

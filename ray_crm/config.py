@@ -121,6 +121,12 @@ class LossConfig(Section):
         "training split as much as its mirror in the BT / DPO term, so Z's direction teaches the loss nothing; "
         "`mirror_sample` reaches the same balance by resampling the split once per run (seeded by train.seed) "
         "and trains unweighted (ray_crm.losses.pair_weights)"))
+    reference: Literal["adapter_off", "precomputed"] = Field("adapter_off", description=(
+        "DPO's reference log-probs: `adapter_off` scores every batch a second time with the LoRA adapter "
+        "switched off (no second model, one more forward per step); `precomputed` scores every train and "
+        "validation pair and twin once with the base model before training (Ray Data batch inference, cached "
+        "under <output_dir>/reference_logps and shared by every run and trial on the same data): no reference "
+        "forward while training, and model.lora.enabled=false (a full fine-tune) becomes possible"))
     mmd: MMDConfig = Field(default_factory=MMDConfig)
 
     @property
@@ -140,6 +146,7 @@ class LossConfig(Section):
             unused["mmd.on"] = "causal_dpo's penalty is on the implicit reward; there is no pooled representation"
         if not self.trains_policy:
             unused["beta"] = f"loss.type={self.type} trains a reward head; beta is DPO's (dpo, ipo, causal_dpo)"
+            unused["reference"] = f"loss.type={self.type} has no reference model; it is DPO's (dpo, ipo, causal_dpo)"
         if self.type == "ipo" and self.balance == "mirror":
             unused["balance"] = "ipo's squared loss takes no pair weights; set loss.balance=mirror_sample, or loss.type=dpo or causal_dpo"
         _reject_unused(self, unused)
@@ -690,10 +697,12 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _dpo_reference_is_the_base(self) -> Config:
-        """DPO's reference is the policy with its LoRA adapter off: a full fine-tune would need a second copy."""
-        if self.loss.trains_policy and not self.model.lora.enabled:
-            error = PydanticCustomError("no_reference", "loss.type={type} scores the reference with the LoRA adapter "
-                                        "disabled; keep model.lora.enabled=true", {"type": self.loss.type})
+        """DPO's reference on the fly is the policy with its LoRA adapter off: a full fine-tune has no adapter
+        to switch off, so it needs the precomputed reference."""
+        if self.loss.trains_policy and not self.model.lora.enabled and self.loss.reference == "adapter_off":
+            error = PydanticCustomError("no_reference", "loss.type={type} with loss.reference=adapter_off scores the "
+                                        "reference with the LoRA adapter disabled; keep model.lora.enabled=true or "
+                                        "set loss.reference=precomputed", {"type": self.loss.type})
             raise ValidationError.from_exception_data(
                 type(self).__name__, [{"type": error, "loc": ("model", "lora", "enabled"), "input": False}])
         return self
@@ -765,6 +774,8 @@ def run_name(cfg: Config) -> str:
         keyed["loss"].pop("balance")  # likewise: unweighted runs keep their names
     if cfg.loss.lambda_warmup == 0:
         keyed["loss"].pop("lambda_warmup")  # and so do runs without a ramp
+    if cfg.loss.reference == "adapter_off":
+        keyed["loss"].pop("reference")  # and DPO runs with the reference on the fly
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     loss = cfg.loss
     tag = loss.type + (f"-b{loss.beta:g}" if loss.trains_policy else "")

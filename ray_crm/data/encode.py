@@ -13,10 +13,14 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from ray_crm.config import Config
 
 # Encoding untruncated first (to measure) makes transformers warn about every long pair; the count is reported.
 logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
@@ -106,3 +110,20 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
 def load_encoder(path: str, max_length: int, template: str = "auto") -> PairEncoder:
     """One encoder per process: Ray reuses worker processes, so each loads the tokenizer once."""
     return PairEncoder(path, max_length, template)  # type: ignore[arg-type]
+
+
+def encode_twins(cfg: Config) -> dict[str, Any] | None:
+    """`data.twins` tokenized exactly as `prepare` tokenizes a response, or None."""
+    if cfg.data.twins is None:
+        return None
+    import pandas as pd
+
+    from ray_crm.assets import resolve_model
+
+    frame = pd.read_parquet(cfg.data.twins, columns=["prompt", "response", "twin"])
+    frame = frame[frame.twin.astype(str) != ""]
+    enc = load_encoder(str(resolve_model(cfg.model.name)), cfg.model.max_length, cfg.data.template)
+    encoded = enc.encode(frame.prompt.tolist(), frame.response.tolist())
+    starts = None if encoded.response_starts is None else np.asarray(encoded.response_starts)
+    return {"input_ids": encoded.input_ids, "token_type_ids": encoded.token_type_ids, "response_start": starts,
+            "twin": frame.twin.to_numpy()}

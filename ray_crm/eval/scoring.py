@@ -17,7 +17,7 @@ import numpy as np
 from ray_crm.assets import resolve_model
 from ray_crm.config import POLICY_LOSSES, LoraConfig
 from ray_crm.data.encode import PairEncoder
-from ray_crm.models.logprobs import sequence_logprobs
+from ray_crm.models.logprobs import rows_within_logit_budget, sequence_logprobs
 
 
 def model_folder(name_or_path: str) -> Path:
@@ -97,7 +97,8 @@ class ImplicitRewardScorer:
         self.pad_id = tokenizer_at(self.path).pad_token_id
         self.models = [load_policy_model(p, LoraConfig(enabled=False), self.pad_id).eval()
                        for p in (self.path, resolve_model(reference))]
-        self.beta, self.batch_size = beta, batch_size
+        self.beta = beta
+        self.batch_size = rows_within_logit_budget(self.models[0].config.vocab_size, max_length, batch_size)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         from ray_crm.models.loading import pad_sequences

@@ -11,10 +11,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+# Floats in one scoring batch's logits (512 MiB in fp32): a causal LM's full-vocabulary logits, not its weights,
+# set the memory of scoring many sequences at once (128 x 192 tokens x 49k vocabulary is 4.8 GB, before the
+# log-softmax's temporaries).
+LOGIT_BUDGET = 2**27
+
+
+def rows_within_logit_budget(vocab_size: int, length: int, limit: int) -> int:
+    """How many sequences of `length` tokens one forward may score (at most `limit`, at least 1) so that their
+    logits stay within `LOGIT_BUDGET` floats."""
+    return max(1, min(limit, LOGIT_BUDGET // max(1, vocab_size * length)))
+
 
 def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(logits / T) of each next token: [B, L - 1], in fp32 whatever the model's dtype."""
-    logits = logits[:, :-1].float() / max(temperature, 1e-6)
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:  # no full-size copy in the common case
+        logits = logits / max(temperature, 1e-6)
     picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -40,10 +53,13 @@ def sequence_logprobs(model, batch: dict[str, Tensor], starts: Sequence[int] | T
     return (token_logprobs(logits, batch["input_ids"]) * mask).sum(-1)
 
 
-def implicit_reward(model, batch: dict[str, Tensor], starts: Sequence[int] | Tensor, beta: float) -> Tensor:
-    """beta * (log pi(y|x) - log pi_ref(y|x)) per sequence [B]; pi_ref is `model` (a PeftModel, or a DeepSpeed
-    engine around one) with its adapter disabled, scored without gradient."""
+def implicit_reward(model, batch: dict[str, Tensor], starts: Sequence[int] | Tensor, beta: float,
+                    reference: Tensor | None = None) -> Tensor:
+    """beta * (log pi(y|x) - log pi_ref(y|x)) per sequence [B]. `reference`: pi_ref's log-probs [B] computed
+    beforehand; without it pi_ref is `model` (a PeftModel, or a DeepSpeed engine around one) with its adapter
+    disabled, scored without gradient."""
     logp = sequence_logprobs(model, batch, starts)
-    with torch.no_grad(), getattr(model, "module", model).disable_adapter():
-        ref = sequence_logprobs(model, batch, starts)
-    return beta * (logp - ref)
+    if reference is None:
+        with torch.no_grad(), getattr(model, "module", model).disable_adapter():
+            reference = sequence_logprobs(model, batch, starts)
+    return beta * (logp - reference.to(logp.dtype))

@@ -26,6 +26,7 @@ import torch
 
 from ray_crm.checkpoint import file_manifest, latest_verified, verify_checkpoint, write_marker
 from ray_crm.config import Config, pair_stage, run_name
+from ray_crm.data.encode import encode_twins
 from ray_crm.data.outdir import output_lock, staged_output
 from ray_crm.data.sampler import StratifiedBatchSampler
 from ray_crm.eval.metrics import invariance_gap, twin_scale, within_label_spearman, z_balanced_accuracy
@@ -42,11 +43,12 @@ from ray_crm.losses import (
     warmed_up_lambda,
 )
 from ray_crm.models.loading import load_pair_model, load_tokenizer, pad_pairs, pad_sequences, score
-from ray_crm.models.logprobs import implicit_reward
+from ray_crm.models.logprobs import implicit_reward, rows_within_logit_budget
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
 from ray_crm.train.metric_names import higher_is_better
 from ray_crm.train.metrics_log import MetricsLog
+from ray_crm.train.reference_logps import attach_reference, reference_logps, twin_reference
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +70,25 @@ def loss_settings(cfg: Config, num_bins: int) -> PairLossSettings:
 
 
 def sequence_scores(cfg: Config, engine, batch: dict[str, torch.Tensor], starts: np.ndarray | None,
-                    with_representation: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the pair loss compares, per sequence: a reward head's reward, or a policy's implicit reward."""
+                    with_representation: bool = False, reference: np.ndarray | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the pair loss compares, per sequence: a reward head's reward, or a policy's implicit reward (against
+    the precomputed `reference` log-probs if given, else the adapter switched off)."""
     if cfg.loss.trains_policy:
-        return implicit_reward(engine, batch, starts, cfg.loss.beta), None
+        ref = None if reference is None else torch.as_tensor(reference, device=batch["input_ids"].device)
+        return implicit_reward(engine, batch, starts, cfg.loss.beta, ref), None
     return score(engine, batch, with_representation)
 
 
-def _starts(rows: dict[str, np.ndarray]) -> np.ndarray | None:
-    if "chosen_response_start" not in rows:
+def _both(rows: dict[str, np.ndarray], column: str) -> np.ndarray | None:
+    """`chosen_<column>` then `rejected_<column>`, the order the pair's sequences are scored in, or None."""
+    if f"chosen_{column}" not in rows:
         return None
-    return np.concatenate([rows["chosen_response_start"], rows["rejected_response_start"]])
+    return np.concatenate([rows[f"chosen_{column}"], rows[f"rejected_{column}"]])
+
+
+def _starts(rows: dict[str, np.ndarray]) -> np.ndarray | None:
+    return _both(rows, "response_start")
 
 
 def _materialise(shard, columns=COLUMNS) -> dict[str, np.ndarray]:
@@ -104,7 +114,7 @@ def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
 def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], settings: PairLossSettings, device, global_batch: bool):
     batch = pad_pairs(rows, engine.module.config.pad_token_id, device)
     with_repr = cfg.loss.type == "crm" and cfg.loss.mmd.on == "representation"
-    rewards, reps = sequence_scores(cfg, engine, batch, _starts(rows), with_repr)
+    rewards, reps = sequence_scores(cfg, engine, batch, _starts(rows), with_repr, _both(rows, "ref_logp"))
     n = len(rows["bin_chosen"])
     feats = {} if reps is None else {"chosen_features": reps[:n], "rejected_features": reps[n:]}
     bins_c = torch.as_tensor(rows["bin_chosen"], dtype=torch.long, device=device)
@@ -121,13 +131,16 @@ def _scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 @torch.no_grad()
 def _score_all(cfg: Config, engine, ids: list, types: list | None, starts: np.ndarray | None, rank: int, world: int,
-               device, batch: int = 128) -> np.ndarray:
+               device, batch: int = 128, reference: np.ndarray | None = None) -> np.ndarray:
     """The score (`sequence_scores`) of every sequence, in order, on every rank.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively): short ranks
-    repeat their last sequence and drop the repeats.
+    repeat their last sequence and drop the repeats. A policy's batches are cut to keep their full-vocabulary
+    logits within `LOGIT_BUDGET`.
     """
     total = len(ids)
+    if cfg.loss.trains_policy:  # the same size on every rank: all run the same number of forwards
+        batch = rows_within_logit_budget(engine.module.config.vocab_size, max(map(len, ids), default=1), batch)
     mine = np.arange(total)[rank::world]
     mine = mine[np.argsort([len(ids[i]) for i in mine], kind="stable")]  # batches of like length: less padding
     per_rank = -(-total // world)
@@ -138,7 +151,8 @@ def _score_all(cfg: Config, engine, ids: list, types: list | None, starts: np.nd
         part = padded[start : start + batch]
         inputs = pad_sequences([ids[i] for i in part], None if types is None else [types[i] for i in part],
                                engine.module.config.pad_token_id, device)
-        rewards.append(sequence_scores(cfg, engine, inputs, None if starts is None else starts[part])[0])
+        rewards.append(sequence_scores(cfg, engine, inputs, None if starts is None else starts[part], False,
+                                       None if reference is None else reference[part])[0])
     engine.train()
     local = torch.cat(rewards)[: len(mine)]
     scores, index = gather_global(local, torch.as_tensor(mine, dtype=torch.long, device=device))
@@ -156,7 +170,7 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
     if "chosen_token_type_ids" in rows:
         types = list(rows["chosen_token_type_ids"]) + list(rows["rejected_token_type_ids"])
     flat = _score_all(cfg, engine, list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"]), types,
-                      _starts(rows), rank, world, device)
+                      _starts(rows), rank, world, device, reference=_both(rows, "ref_logp"))
     scores = np.stack([flat[:total], flat[total:]], axis=1)
     bins = {k: torch.as_tensor(rows[k], dtype=torch.long) for k in ("bin_chosen", "bin_rejected")}
     _, metrics = crm_loss(torch.as_tensor(scores[:, 0]), torch.as_tensor(scores[:, 1]), bins["bin_chosen"],
@@ -172,28 +186,10 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
     summary.update(z_correlations(cfg, rows, scores))
     if twins is not None:
         rewards = _score_all(cfg, engine, twins["input_ids"], twins["token_type_ids"], twins["response_start"],
-                             rank, world, device)
+                             rank, world, device, reference=twins.get("ref_logp"))
         gap, scale = invariance_gap(rewards, twins["twin"]), twin_scale(rewards, twins["twin"])
         summary.update(val_ci_gap=gap, val_ci_gap_std=gap / scale if scale > 0 else float("inf"))
     return summary, scores
-
-
-def encode_twins(cfg: Config) -> dict[str, Any] | None:
-    """`data.twins` tokenized exactly as `prepare` tokenizes a response, or None."""
-    if cfg.data.twins is None:
-        return None
-    import pandas as pd
-
-    from ray_crm.assets import resolve_model
-    from ray_crm.data.encode import load_encoder
-
-    frame = pd.read_parquet(cfg.data.twins, columns=["prompt", "response", "twin"])
-    frame = frame[frame.twin.astype(str) != ""]
-    enc = load_encoder(str(resolve_model(cfg.model.name)), cfg.model.max_length, cfg.data.template)
-    encoded = enc.encode(frame.prompt.tolist(), frame.response.tolist())
-    starts = None if encoded.response_starts is None else np.asarray(encoded.response_starts)
-    return {"input_ids": encoded.input_ids, "token_type_ids": encoded.token_type_ids, "response_start": starts,
-            "twin": frame.twin.to_numpy()}
 
 
 def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, float]:
@@ -302,6 +298,9 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg.train, cfg.model, world))
     train_rows = _materialise(ray.train.get_dataset_shard("train"))
+    reference = config.get("reference_dir") and Path(config["reference_dir"])
+    if reference:
+        train_rows = attach_reference(train_rows, reference, "train")
     bins = (train_rows["bin_chosen"], train_rows["bin_rejected"])
     if cfg.loss.balance == "mirror":  # every worker holds the whole split: the same weights on every rank
         train_rows["weight"] = mirror_balance_weights(*bins)
@@ -310,6 +309,10 @@ def train_loop(config: dict[str, Any]) -> None:
     z_columns = tuple(f"z_{z.name}_{side}" for z in cfg.data.spurious for side in ("chosen", "rejected"))
     val_rows = _materialise(ray.train.get_dataset_shard("validation"), COLUMNS + z_columns)
     twins = encode_twins(cfg)
+    if reference:
+        val_rows = attach_reference(val_rows, reference, "validation")
+        if twins is not None:
+            twins["ref_logp"] = twin_reference(reference, len(twins["input_ids"]))
     settings = loss_settings(cfg, config["num_bins"])
     mmd = settings.mmd
     micro = micro_batch_size(cfg.train, world)
@@ -423,6 +426,7 @@ def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callback
                          "mark: prepare it with a chat-template tokenizer (a decoder model.name, data.template=chat)")
     if datasets is None:  # read once here: every worker then streams the same blocks from the object store
         datasets = {split: read_prepared(data_dir, split).materialize() for split in ("train", "validation")}
+    reference = reference_logps(cfg, data_dir, manifest, datasets) if cfg.loss.reference == "precomputed" else None
     name = run_name(cfg)
     stage = pair_stage(cfg)
     out = cfg.stage_dir(stage) / name
@@ -432,7 +436,8 @@ def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callback
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_bins": manifest["num_bins"],
                            "log_dir": str(out / "logs"),
-                           "storage_dir": str(cfg.stage_dir(stage) / "ray" / name)},
+                           "storage_dir": str(cfg.stage_dir(stage) / "ray" / name),
+                           "reference_dir": reference and str(reference)},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),

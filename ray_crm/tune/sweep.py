@@ -132,11 +132,13 @@ def _plain(value: Any) -> Any:
 
 
 def prepare_variants(cfg: Config, base: dict[str, Any], root: Path) -> dict[str, tuple[str, dict[str, Any]]]:
-    """variant key -> (prepared folder, materialized train/validation datasets), each variant prepared once.
+    """variant key -> (prepared folder, materialized train/validation datasets), each variant prepared once
+    (and for DPO with `loss.reference=precomputed`, its reference log-probs computed once).
 
     Without swept data keys the one variant is the config's own prepared data (made by `ray-crm prepare`).
     """
-    from ray_crm.data.pipeline import read_prepared, run_prepare
+    from ray_crm.data.pipeline import load_manifest, read_prepared, run_prepare
+    from ray_crm.train.reference_logps import reference_logps
 
     keys = _data_keys(cfg)
     combos = itertools.product(*(_probe_values(cfg.sweep.space[k]) for k in keys))
@@ -148,8 +150,11 @@ def prepare_variants(cfg: Config, base: dict[str, Any], root: Path) -> dict[str,
             folder = root / hashlib.sha1(variant_key(params, keys).encode()).hexdigest()[:10]
             if not (folder / "manifest.json").is_file():
                 run_prepare(trial_config(base, {**params, "data.output_dir": str(folder)}, "prepare"))
-        variants[variant_key(params, keys)] = (str(folder), {
-            split: read_prepared(folder, split).materialize() for split in ("train", "validation")})
+        datasets = {split: read_prepared(folder, split).materialize() for split in ("train", "validation")}
+        first = trial_config(base, {**params, "data.output_dir": str(folder)}, "reference")
+        if cfg.sweep.stage == "train-dpo" and first.loss.reference == "precomputed":  # once, not in every trial
+            reference_logps(first, folder, load_manifest(folder), datasets)
+        variants[variant_key(params, keys)] = (str(folder), datasets)
     return variants
 
 

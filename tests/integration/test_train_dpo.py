@@ -32,6 +32,15 @@ def prepared(tmp_path_factory, tiny_llama_dir, ray_local):
     return overrides
 
 
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """Validation twins: two answers, each with a padded copy."""
+    path = tmp_path_factory.mktemp("twins") / "twins.parquet"
+    responses = ["good film", "good film " + "indeed " * 6, "dull and slow", "dull and slow " + "sadly " * 5]
+    pd.DataFrame({"prompt": ["review:"] * 4, "response": responses, "twin": ["a", "a", "b", "b"]}).to_parquet(path)
+    return path
+
+
 def _cfg(prepared, *extra):
     base = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=8", "train.lr=0.01",
             "train.zero_stage=2", "train.max_steps=3"]
@@ -54,8 +63,8 @@ def test_prepare_marks_where_each_chat_response_starts(prepared, tiny_llama_dir)
             assert tok.decode(ids[start:]).startswith(row[side])
 
 
-def test_causal_dpo_at_lambda_zero_trains_as_dpo_step_for_step(prepared):
-    dpo = _cfg(prepared, "loss.type=dpo", "loss.beta=0.5")
+def test_causal_dpo_at_lambda_zero_trains_as_dpo_step_for_step(prepared, twins):
+    dpo = _cfg(prepared, "loss.type=dpo", "loss.beta=0.5", f"data.twins={twins}")  # reused by the reference test
     causal = _cfg(prepared, "loss.type=causal_dpo", "loss.beta=0.5", "loss.lambda_mmd=0")
     for cfg in (dpo, causal):
         run_train_dpo(cfg)
@@ -107,3 +116,52 @@ def test_ipo_trains_on_two_workers(prepared):
     train = _logs(cfg, "train")
     assert train["loss/total"].iloc[0] == pytest.approx(1.0, abs=1e-3)  # (0 - 1/(2 beta))^2 at pi = pi_ref
     assert train["loss/total"].iloc[-1] < train["loss/total"].iloc[0]
+
+
+def test_a_precomputed_reference_trains_as_the_adapter_switched_off_and_lets_a_full_fine_tune_train(prepared,
+                                                                                                  twins):
+    same = ["loss.type=dpo", "loss.beta=0.5", f"data.twins={twins}"]
+    on_the_fly, cached = _cfg(prepared, *same), _cfg(prepared, *same, "loss.reference=precomputed")
+    assert run_name(on_the_fly) != run_name(cached)
+    for cfg in (on_the_fly, cached):  # the first was trained by the lambda-zero test: this resumes its end
+        run_train_dpo(cfg)
+    for kind, columns in (("train", ["loss/total", "reward/margin"]), ("eval", ["val_bt_loss", "val_ci_gap"])):
+        a, b = _logs(on_the_fly, kind), _logs(cached, kind)
+        np.testing.assert_allclose(a[columns], b[columns], rtol=0, atol=2e-5)
+    assert _logs(cached, "eval")["val_accuracy"].tolist() == _logs(on_the_fly, "eval")["val_accuracy"].tolist()
+
+    (cache,) = (p for p in (Path(cached.output_dir) / "reference_logps").iterdir() if not p.name.startswith("."))
+    rows = json.loads((cache / "done.json").read_text())["rows"]
+    splits = {s: read_prepared_table(cached.prepared_dir(), s).num_rows for s in ("train", "validation")}
+    assert rows == {**splits, "twins": 4}
+    written = (cache / "done.json").stat().st_mtime_ns
+
+    # no adapter to switch off: only the precomputed reference makes a full fine-tune possible
+    full = [*same, "model.lora.enabled=false", "train.lr=1e-3", "name=full"]
+    with pytest.raises(ValueError, match="loss.reference=precomputed"):
+        _cfg(prepared, *full)
+    cfg = _cfg(prepared, *full, "loss.reference=precomputed")
+    result = run_train_dpo(cfg)
+    train = _logs(cfg, "train")
+    assert train["loss/total"].iloc[0] == pytest.approx(np.log(2), abs=1e-4)  # pi = pi_ref at the start
+    assert train["loss/total"].iloc[-1] < train["loss/total"].iloc[0]
+    assert (cache / "done.json").stat().st_mtime_ns == written  # the cache was reused, not computed again
+    assert (Path(result["model"]) / "config.json").is_file() and not (Path(result["model"]).parent / "adapter").exists()
+
+
+def test_a_causal_dpo_sweep_trains_its_trials_on_the_reference_its_driver_computed(prepared):
+    from ray_crm.data.pipeline import load_manifest
+    from ray_crm.train.reference_logps import cache_key
+    from ray_crm.tune.sweep import run_sweep
+
+    cfg = _cfg(prepared, "name=dposweep", "loss.type=causal_dpo", "loss.reference=precomputed", "train.max_steps=2",
+               "train.num_workers=1", "train.zero_stage=0", "sweep.stage=train-dpo",
+               "sweep.space={loss.lambda_mmd: {grid: [0.0, 0.5]}}")
+    summary = run_sweep(cfg)
+    table = pd.read_csv(summary["results"].replace(".md", ".csv"))
+    assert len(table) == 2 and (table["status"] == "DONE").all()
+    done = Path(cfg.output_dir) / "reference_logps" / cache_key(cfg, load_manifest(cfg.prepared_dir())) / "done.json"
+    assert json.loads(done.read_text())["rows"]["train"] == read_prepared_table(cfg.prepared_dir(), "train").num_rows
+    for model in table["model"]:
+        card = json.loads((Path(model).parent / "model_card.json").read_text())
+        assert card["config"]["loss"]["reference"] == "precomputed"

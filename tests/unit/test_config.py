@@ -304,6 +304,9 @@ def test_dpo_family_settings_are_checked_across_sections():
         validate({"loss": {"type": "dpo", "lambda_mmd": 0.1}})
     with pytest.raises(ConfigError, match="model.lora.enabled.*adapter disabled"):
         validate({"loss": {"type": "dpo"}, "model": {"lora": {"enabled": False}}})
+    validate({"loss": {"type": "dpo", "reference": "precomputed"}, "model": {"lora": {"enabled": False}}})
+    with pytest.raises(ConfigError, match="loss.reference.*no reference model"):
+        validate({"loss": {"type": "crm", "reference": "precomputed"}})
     with pytest.raises(ConfigError, match="sweep.stage.*trains with train-dpo"):
         validate({"loss": {"type": "causal_dpo"}, "sweep": {"stage": "train-rm",
                                                              "space": {"loss.lambda_mmd": {"grid": [0, 1]}}}})

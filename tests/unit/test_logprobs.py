@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from ray_crm.config import LoraConfig
 from ray_crm.data.encode import PairEncoder
 from ray_crm.models.loading import load_policy_model, pad_sequences, tokenizer_at
-from ray_crm.models.logprobs import implicit_reward, response_mask
+from ray_crm.models.logprobs import LOGIT_BUDGET, implicit_reward, response_mask, rows_within_logit_budget
 
 
 def _by_hand(model, ids: list[int], start: int) -> float:
@@ -39,11 +39,22 @@ def test_implicit_reward_is_beta_times_the_log_ratio_of_policy_and_base(tiny_lla
     with torch.no_grad():
         ours = implicit_reward(policy, batch, out.response_starts, beta)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    reference = torch.tensor([_by_hand(base, ids, s) for ids, s in zip(out.input_ids, out.response_starts)])
+    with torch.no_grad():  # the precomputed reference gives the same rewards without the adapter-off forward
+        given = implicit_reward(policy, batch, out.response_starts, beta, reference)
+    torch.testing.assert_close(given, ours, atol=1e-4, rtol=1e-4)
     merged = policy.merge_and_unload().eval()
     for i, (ids, start) in enumerate(zip(out.input_ids, out.response_starts)):
         expected = beta * (_by_hand(merged, ids, start) - _by_hand(base, ids, start))
         assert abs(expected) > 1e-3
         assert abs(float(ours[i]) - expected) < 1e-4 * max(1.0, abs(expected))
+
+
+def test_scoring_batches_keep_their_logits_within_the_budget():
+    assert rows_within_logit_budget(49152, 192, 128) * 49152 * 192 <= LOGIT_BUDGET
+    assert rows_within_logit_budget(49152, 192, 128) >= 8
+    assert rows_within_logit_budget(100, 10, 64) == 64  # small vocabularies keep the caller's size
+    assert rows_within_logit_budget(10**9, 10**6, 64) == 1  # never zero
 
 
 def test_a_dpo_export_is_scored_by_its_implicit_reward(tiny_llama_dir, tmp_path):
