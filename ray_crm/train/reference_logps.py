@@ -87,7 +87,7 @@ def reference_logps(cfg: Config, data_dir: Path, manifest: dict[str, Any], datas
     actor = {"model": str(resolve_model(cfg.model.name)), "precision": cfg.model.precision,
              "pad_id": load_tokenizer(cfg.model).pad_token_id, "threads": cfg.ray.torch_threads,
              "use_gpu": cfg.train.use_gpu}
-    compute = {"batch_format": "numpy", "batch_size": 256, "concurrency": cfg.train.num_workers,
+    compute = {"batch_format": "numpy", "batch_size": 128, "concurrency": cfg.train.num_workers,
                "num_cpus": cfg.train.cpus_per_worker, "num_gpus": 1 if cfg.train.use_gpu else None}
     columns = ["pair_id", *(f"{s}_{c}" for s in SIDES for c in ("input_ids", "response_start"))]
     sources = {split: (datasets[split].select_columns(columns), tuple(f"{s}_" for s in SIDES)) for split in SPLITS}
@@ -99,8 +99,8 @@ def reference_logps(cfg: Config, data_dir: Path, manifest: dict[str, Any], datas
     logger.info("computing the reference log-probs of %s into %s", data_dir, out)
     with output_lock(out), staged_output(out, [*SPLITS, TWINS, "done.json"]) as work:
         counts = {}
-        for name, (ds, prefixes) in sources.items():
-            table = ds.map_batches(ReferenceLogprobs, fn_constructor_kwargs={**actor, "prefixes": prefixes},
+        for name, (ds, prefixes) in sources.items():  # blocks enough for every actor to get work
+            table = ds.repartition(4 * cfg.train.num_workers).map_batches(ReferenceLogprobs, fn_constructor_kwargs={**actor, "prefixes": prefixes},
                                    **compute).to_pandas().sort_values("pair_id", kind="stable")
             columns = {"pair_id": table["pair_id"].to_numpy().astype(str)}  # not object: loads without pickle
             columns.update({c: table[c].to_numpy(np.float64) for c in table.columns if c.endswith("ref_logp")})
