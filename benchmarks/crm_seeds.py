@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def main() -> None:
 
     labels = {f"l{r['lambda']:g}-s{r['seed']}": r for r in rows}
     models = [f"{label}={r['model']}" for label, r in labels.items()]
-    eval_cfg = load_config(config, [*base, f"eval.models={json.dumps(models)}"])
+    threads = cfg.ray.num_cpus or os.cpu_count() or 1  # eval scores in this process alone, after the sweeps
+    eval_cfg = load_config(config, [*base, f"eval.models={json.dumps(models)}", f"ray.torch_threads={threads}"])
     report = json.loads(Path(run_stage("eval", eval_cfg)["report"]).read_text())["results"]
     headline, beside = FIGURES[args.bench]
     for label, r in labels.items():

@@ -8,9 +8,11 @@ CPU thread scores in well under a minute, so Ray would only add start-up time. R
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +85,9 @@ class RewardScorer:
 
 class ImplicitRewardScorer:
     """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) over the response tokens of the chat text, the
-    reference being the base model the policy was trained from: the policy read as a reward model."""
+    reference being the base model the policy was trained from: the policy read as a reward model. The
+    reference's log-probs are remembered per process (`reference_logprobs`), so scoring several policies of
+    one base on the same probes runs the reference once."""
 
     def __init__(self, policy: str, reference: str, beta: float, max_length: int, batch_size: int = 32,
                  threads: int = 1) -> None:
@@ -95,23 +99,44 @@ class ImplicitRewardScorer:
         self.path = model_folder(policy)
         self.encoder = PairEncoder(str(self.path), max_length, "chat")
         self.pad_id = tokenizer_at(self.path).pad_token_id
-        self.models = [load_policy_model(p, LoraConfig(enabled=False), self.pad_id).eval()
-                       for p in (self.path, resolve_model(reference))]
+        self.policy = load_policy_model(self.path, LoraConfig(enabled=False), self.pad_id).eval()
+        self.reference = str(resolve_model(reference))
         self.beta = beta
-        self.batch_size = rows_within_logit_budget(self.models[0].config.vocab_size, max_length, batch_size)
+        self.batch_size = rows_within_logit_budget(self.policy.config.vocab_size, max_length, batch_size)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        from ray_crm.models.loading import pad_sequences
-
         enc = self.encoder.encode(list(prompts), list(responses))
+        policy = logprobs_by_length(self.policy, enc.input_ids, enc.response_starts, self.pad_id, self.batch_size)
+        model, memo = reference_logprobs(self.reference, self.pad_id)
+        keys = [(tuple(ids), start) for ids, start in zip(enc.input_ids, enc.response_starts, strict=True)]
+        missing = list(dict.fromkeys(k for k in keys if k not in memo))
+        if missing:
+            found = logprobs_by_length(model, [list(k[0]) for k in missing], [k[1] for k in missing], self.pad_id,
+                                       self.batch_size)
+            memo.update(zip(missing, found, strict=True))
+        return self.beta * (policy - np.array([memo[k] for k in keys]))
 
-        def rewards(idx: np.ndarray):
-            batch = pad_sequences([enc.input_ids[i] for i in idx], None, self.pad_id)
-            starts = [enc.response_starts[i] for i in idx]
-            policy, reference = (sequence_logprobs(m, batch, starts) for m in self.models)
-            return self.beta * (policy - reference)
 
-        return by_length(enc.input_ids, self.batch_size, rewards)
+@functools.lru_cache(maxsize=1)
+def reference_logprobs(path: str, pad_id: int) -> tuple[Any, dict]:
+    """The reference model at `path` and its memo of log-probs by (token ids, response start)."""
+    from ray_crm.models.loading import load_policy_model
+
+    return load_policy_model(path, LoraConfig(enabled=False), pad_id).eval(), {}
+
+
+def logprobs_by_length(model, input_ids: Sequence[list[int]], starts: Sequence[int], pad_id: int,
+                       batch_size: int, device: str = "cpu") -> np.ndarray:
+    """`sequence_logprobs` of every sequence, in batches of like length, in the input order."""
+    from ray_crm.models.loading import pad_sequences
+
+    starts = np.asarray(starts)
+
+    def batch(idx: np.ndarray):
+        inputs = pad_sequences([input_ids[i] for i in idx], None, pad_id, device)
+        return sequence_logprobs(model, inputs, starts[idx]).cpu()
+
+    return by_length(input_ids, batch_size, batch)
 
 
 def by_length(input_ids: Sequence[list[int]], batch_size: int, score_batch) -> np.ndarray:

@@ -45,20 +45,15 @@ class ReferenceLogprobs:
         self.pad_id, self.prefixes = pad_id, prefixes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ray_crm.eval.scoring import by_length
-        from ray_crm.models.loading import pad_sequences
-        from ray_crm.models.logprobs import rows_within_logit_budget, sequence_logprobs
+        from ray_crm.eval.scoring import logprobs_by_length
+        from ray_crm.models.logprobs import rows_within_logit_budget
 
         out = {"pair_id": batch["pair_id"]}
         for prefix in self.prefixes:
-            ids, starts = list(batch[f"{prefix}input_ids"]), batch[f"{prefix}response_start"]
+            ids = list(batch[f"{prefix}input_ids"])
             rows = rows_within_logit_budget(self.model.config.vocab_size, max(map(len, ids)), 64)
-
-            def logps(idx: np.ndarray, ids=ids, starts=starts):
-                inputs = pad_sequences([ids[i] for i in idx], None, self.pad_id, self.device)
-                return sequence_logprobs(self.model, inputs, starts[idx]).cpu()
-
-            out[f"{prefix}ref_logp"] = by_length(ids, rows, logps)
+            out[f"{prefix}ref_logp"] = logprobs_by_length(self.model, ids, batch[f"{prefix}response_start"],
+                                                          self.pad_id, rows, self.device)
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -60,7 +61,7 @@ def test_scoring_batches_keep_their_logits_within_the_budget():
 def test_a_dpo_export_is_scored_by_its_implicit_reward(tiny_llama_dir, tmp_path):
     import json
 
-    from ray_crm.eval.scoring import ImplicitRewardScorer, dpo_card, scorer_for
+    from ray_crm.eval.scoring import ImplicitRewardScorer, dpo_card, reference_logprobs, scorer_for
 
     torch.manual_seed(0)
     tok = tokenizer_at(tiny_llama_dir)
@@ -75,10 +76,16 @@ def test_a_dpo_export_is_scored_by_its_implicit_reward(tiny_llama_dir, tmp_path)
     card = {"config": {"loss": {"type": "causal_dpo", "beta": 0.3}, "model": {"name": str(tiny_llama_dir)}}}
     (merged.parent / "model_card.json").write_text(json.dumps(card))
 
+    reference_logprobs.cache_clear()
     scorer = scorer_for(str(merged.parent), max_length=64)
     assert isinstance(scorer, ImplicitRewardScorer)
     prompts, responses = ["the movie was", "a film", "the plot"], ["great fun and very good", "bad", "it was"]
     ours = scorer.score(prompts, responses)
+    _, memo = reference_logprobs(scorer.reference, scorer.pad_id)
+    assert len(memo) == 3  # a second scorer of the same base reuses the reference's log-probs
+    again = scorer_for(str(merged.parent), max_length=64).score(prompts[::-1], responses[::-1])
+    np.testing.assert_allclose(again[::-1], ours, rtol=0, atol=1e-5)
+    assert len(memo) == 3
     enc = PairEncoder(str(tiny_llama_dir), max_length=64).encode(prompts, responses)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     trained = AutoModelForCausalLM.from_pretrained(merged).eval()
