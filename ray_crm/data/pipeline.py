@@ -14,6 +14,7 @@ or killed run leaves the previous output as it was (`ray_crm.data.outdir`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -324,6 +325,12 @@ def _prepare(cfg: Config, out: Path, work: Path) -> dict[str, Any]:
     return {"output_dir": str(out), "manifest": str(out / MANIFEST), "pairs": {s: v["pairs"] for s, v in splits.items()},
             "quarantined": quarantined, "num_bins": binning.num_bins,
             "audit": {n: r["signal"] for n, r in report.items()}}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """What identifies one `prepare` run's output: a hash of its whole manifest (inputs, settings, counts,
+    creation time), so a re-prepared folder never passes for the one a model or cache was made from."""
+    return hashlib.sha1(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_manifest(stage_dir: str | Path) -> dict[str, Any]:

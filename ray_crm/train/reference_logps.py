@@ -59,9 +59,11 @@ class ReferenceLogprobs:
 
 def cache_key(cfg: Config, manifest: dict[str, Any]) -> str:
     """What the reference's log-probs depend on: the base model, its precision, the token length and the data."""
+    from ray_crm.data.pipeline import manifest_digest
+
     twins = Path(cfg.data.twins) if cfg.data.twins else None
     keyed = {"model": str(resolve_model(cfg.model.name)), "precision": cfg.model.precision,
-             "max_length": cfg.model.max_length, "data": manifest.get("hash"),
+             "max_length": cfg.model.max_length, "data": manifest_digest(manifest),
              "twins": hashlib.sha1(twins.read_bytes()).hexdigest() if twins else None}
     return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -74,6 +76,7 @@ def reference_logps(cfg: Config, data_dir: Path, manifest: dict[str, Any], datas
     import ray
 
     from ray_crm.data.encode import encode_twins
+    from ray_crm.data.pipeline import manifest_digest
     from ray_crm.models.loading import load_tokenizer
 
     out = Path(cfg.output_dir).resolve() / "reference_logps" / cache_key(cfg, manifest)
@@ -101,7 +104,7 @@ def reference_logps(cfg: Config, data_dir: Path, manifest: dict[str, Any], datas
             columns.update({c: table[c].to_numpy(np.float64) for c in table.columns if c.endswith("ref_logp")})
             np.savez(work / f"{name}.npz", **columns)
             counts[name] = len(table)
-        (work / "done.json").write_text(json.dumps({"rows": counts, "data": manifest.get("hash")}))
+        (work / "done.json").write_text(json.dumps({"rows": counts, "data": manifest_digest(manifest)}))
     return out
 
 

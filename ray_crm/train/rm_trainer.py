@@ -411,7 +411,7 @@ def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callback
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ray_crm.data.pipeline import check_prepared_for, load_manifest, read_prepared
+    from ray_crm.data.pipeline import check_prepared_for, load_manifest, manifest_digest, read_prepared
     from ray_crm.models.loading import export_model
 
     init_ray(cfg.ray)
@@ -460,7 +460,7 @@ def train_on_pairs(cfg: Config, datasets: dict[str, Any] | None = None, callback
     with best.as_directory() as folder, output_lock(export), staged_output(export, EXPORT_FILES) as work:
         scores = dict(np.load(Path(folder) / VAL_SCORES))
         calibration = reward_calibration(cfg, scores)
-        card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest.get("hash"),
+        card = {"run": name, "config": cfg.model_dump(mode="json"), "data_manifest": manifest_digest(manifest),
                 "metrics": best_metrics, "final_metrics": result.metrics, "reward_calibration": calibration}
         export_model(cfg.model, Path(folder) / "model", work, card, manifest, policy=cfg.loss.trains_policy,
                      reward_scale=calibration["scale"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ray_crm.config import load_config, run_name
-from ray_crm.data.pipeline import read_prepared_table, run_prepare
+from ray_crm.data.pipeline import load_manifest, manifest_digest, read_prepared_table, run_prepare
 from ray_crm.train.rm_trainer import VAL_SCORES, run_train_dpo, run_train_rm
 from tests.integration.test_train_rm import _pairs
 
@@ -97,7 +97,9 @@ def test_causal_dpo_learns_resumes_and_exports_a_policy_whose_implicit_reward_is
     assert again["model"] == result["model"] and again["val_accuracy"] == result["val_accuracy"]
 
     merged = Path(result["model"])
-    assert json.loads((merged.parent / "model_card.json").read_text())["config"]["loss"]["type"] == "causal_dpo"
+    card = json.loads((merged.parent / "model_card.json").read_text())
+    assert card["config"]["loss"]["type"] == "causal_dpo"
+    assert card["data_manifest"] == manifest_digest(load_manifest(cfg.prepared_dir()))  # which data made it
     policy = AutoModelForCausalLM.from_pretrained(merged).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     trained = np.load(merged.parent / VAL_SCORES)
@@ -150,7 +152,6 @@ def test_a_precomputed_reference_trains_as_the_adapter_switched_off_and_lets_a_f
 
 
 def test_a_causal_dpo_sweep_trains_its_trials_on_the_reference_its_driver_computed(prepared):
-    from ray_crm.data.pipeline import load_manifest
     from ray_crm.train.reference_logps import cache_key
     from ray_crm.tune.sweep import run_sweep
 
