@@ -97,9 +97,10 @@ def reference_logps(cfg: Config, data_dir: Path, manifest: dict[str, Any], datas
     logger.info("computing the reference log-probs of %s into %s", data_dir, out)
     with output_lock(out), staged_output(out, [*SPLITS, TWINS, "done.json"]) as work:
         counts = {}
-        for name, (ds, prefixes) in sources.items():  # blocks enough for every actor to get work
-            table = ds.repartition(4 * cfg.train.num_workers).map_batches(ReferenceLogprobs, fn_constructor_kwargs={**actor, "prefixes": prefixes},
-                                   **compute).to_pandas().sort_values("pair_id", kind="stable")
+        for name, (ds, prefixes) in sources.items():
+            scored = ds.repartition(4 * cfg.train.num_workers).map_batches(  # blocks enough for every actor
+                ReferenceLogprobs, fn_constructor_kwargs={**actor, "prefixes": prefixes}, **compute)
+            table = scored.to_pandas().sort_values("pair_id", kind="stable")  # encode_twins order for the twins
             columns = {"pair_id": table["pair_id"].to_numpy().astype(str)}  # not object: loads without pickle
             columns.update({c: table[c].to_numpy(np.float64) for c in table.columns if c.endswith("ref_logp")})
             np.savez(work / f"{name}.npz", **columns)
