@@ -1,6 +1,6 @@
 """Causal DPO's training step over DPO's: what the MMD penalty on the implicit reward adds to a step.
 
-    python benchmarks/bench_dpo.py            # writes benchmarks/results/dpo_step.json
+    python benchmarks/bench_dpo.py            # writes benchmarks/results/dpo_step.json (or --out FILE)
 
 SmolLM2-135M-Instruct + LoRA (r=16, as configs/dpo_length.yaml), fp32 on CPU, one process, 2 torch threads, the
 same batch of real length-benchmark pairs for both sides (chat template, each response's start marked as
@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--trl", action="store_true", help="also time TRL's DPOTrainer on the same pairs")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "dpo_length.yaml")
@@ -105,7 +106,7 @@ def main() -> None:
         trl_steps = trl_seconds_per_step(path, frame, cfg, args.rounds)
         result.update(wall_seconds_per_step={"ours_dpo": wall["dpo"], "trl_dpo": trl_steps},
                       ours_over_trl_dpo=statistics.median(trl_steps) / statistics.median(wall["dpo"]))
-    RESULTS.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("median", "causal_dpo_over_dpo", "reference_speedup", "ours_over_trl_dpo") if k in result},
                      indent=2))
 
