@@ -157,10 +157,10 @@ def test_a_causal_dpo_sweep_trains_its_trials_on_the_reference_its_driver_comput
 
     cfg = _cfg(prepared, "name=dposweep", "loss.type=causal_dpo", "loss.reference=precomputed", "train.max_steps=2",
                "train.num_workers=1", "train.zero_stage=0", "sweep.stage=train-dpo",
-               "sweep.space={loss.lambda_mmd: {grid: [0.0, 0.5]}}")
+               "sweep.space={loss.lambda_mmd: {grid: [0.5]}}")  # one trial keeps the suite short
     summary = run_sweep(cfg)
     table = pd.read_csv(summary["results"].replace(".md", ".csv"))
-    assert len(table) == 2 and (table["status"] == "DONE").all()
+    assert len(table) == 1 and (table["status"] == "DONE").all()
     done = Path(cfg.output_dir) / "reference_logps" / cache_key(cfg, load_manifest(cfg.prepared_dir())) / "done.json"
     assert json.loads(done.read_text())["rows"]["train"] == read_prepared_table(cfg.prepared_dir(), "train").num_rows
     for model in table["model"]:
