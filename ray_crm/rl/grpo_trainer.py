@@ -5,7 +5,8 @@ the reward pool scores them with the trained RM (and the gold scorers, which onl
 learner (`LearnerGroup`: `rl.num_workers` DeepSpeed ranks, data-parallel over the batch) takes `rl.epochs` x
 `rl.minibatches` optimizer steps on Dr.GRPO or RLOO advantages (PPO, `rl.advantage=gae`: on its critic's GAE
 advantages from the rewards, the critic stepping beside it), and rank 0's new weights reach every engine before
-the next step (a partial sync of the merged LoRA targets, or the full state dict).
+the next step (a partial sync of the merged LoRA targets, or the full state dict). The three actor groups
+start at once (`start_together`): the engine's compile and the learner's and reward models' loads overlap.
 
 Non-finite values never reach the engines or a checkpoint: samples that a scorer gave a NaN or infinite score
 are left out of the step (`dropped_rows`, `nonfinite/<score>`), and a step whose loss or gradient is not finite
@@ -59,6 +60,7 @@ from ray_crm.rl.prompts import load_prompts
 from ray_crm.rl.regularizers import regularizer
 from ray_crm.rl.reward_actor import REWARD_KEY, RewardPool, gold_key
 from ray_crm.rl.rollout import ENGINE_DTYPES, RolloutPool
+from ray_crm.rl.supervision import start_together
 from ray_crm.runtime import init_ray
 from ray_crm.train.metrics_log import MetricsLog
 
@@ -200,8 +202,10 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
     log.drop_after(start)  # steps after the checkpoint are taken (and logged) again
     _drop_samples_after(out / "samples.jsonl", start)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(rl.seed)).tolist()
-    with LearnerGroup(policy, cfg) as learner, RolloutPool(policy, cfg.rollout, cfg.ray.torch_threads) as pool, \
-            RewardPool(cfg.reward, cfg.ray.torch_threads) as rewards, open(out / "samples.jsonl", "a") as samples:
+    learner, pool, rewards = start_together(lambda: LearnerGroup(policy, cfg),
+                                            lambda: RolloutPool(policy, cfg.rollout, cfg.ray.torch_threads),
+                                            lambda: RewardPool(cfg.reward, cfg.ray.torch_threads))
+    with learner, pool, rewards, open(out / "samples.jsonl", "a") as samples:
         if cfg.rollout.weight_sync == "nccl":
             learner.enable_weight_broadcast(pool.members, cfg.rollout, pool.version, during="joining the NCCL weight group")
         if resumed is not None:  # the driver's step, not the learner's count of optimizer steps: those skip NaNs

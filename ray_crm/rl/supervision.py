@@ -14,6 +14,8 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +146,21 @@ class ActorGroup:
                 time.sleep(1.0)
             except RayTaskError as exc:
                 raise ActorCallError(f"{member.name} failed to start: {exc}") from exc
+
+
+def start_together(*factories: Callable[[], AbstractContextManager]) -> list[Any]:
+    """Build several actor groups at once, each factory returning once its actors are ready: their start-ups
+    (a vLLM engine's compile, a learner's model load, the reward models) overlap instead of adding up. If any
+    fails, the ones that started are closed and the first failure (in argument order) is raised."""
+    with ThreadPoolExecutor(max_workers=len(factories)) as threads:
+        futures = [threads.submit(factory) for factory in factories]
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    if failures:
+        for f in futures:
+            if f.exception() is None:
+                f.result().__exit__(None, None, None)
+        raise failures[0]
+    return [f.result() for f in futures]
 
 
 def contiguous_slices(total: int, parts: int) -> list[tuple[int, int]]:

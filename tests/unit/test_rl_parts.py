@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from ray_crm.config import RolloutConfig
-from ray_crm.rl.supervision import contiguous_slices
+from ray_crm.rl.supervision import contiguous_slices, start_together
 from ray_crm.rl.vllm_engine import Sampling, engine_args, engine_env, render_prompt, request_seeds
 from ray_crm.rl.weights import pack_state_dict, policy_state_dict
 
@@ -29,6 +30,34 @@ def test_contiguous_slices_cover_in_order_and_balance(total, parts):
     assert [i for a, b in slices for i in range(a, b)] == list(range(total))
     sizes = [b - a for a, b in slices]
     assert max(sizes) - min(sizes) <= 1
+
+
+class _Group:
+    """An actor group's lifecycle: it starts only once its peers are starting too (a barrier), and records its close."""
+
+    def __init__(self, barrier: threading.Barrier, closed: list[str], name: str, fail: bool = False):
+        barrier.wait(timeout=10)  # a BrokenBarrierError unless the other factories run at the same time
+        if fail:
+            raise RuntimeError(f"{name} failed to start")
+        self.name, self.closed = name, closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.closed.append(self.name)
+
+
+def test_start_together_overlaps_start_ups_and_closes_the_started_ones_on_a_failure():
+    closed: list[str] = []
+    barrier = threading.Barrier(3)
+    groups = start_together(*(lambda n=n: _Group(barrier, closed, n) for n in ("learner", "rollout", "reward")))
+    assert [g.name for g in groups] == ["learner", "rollout", "reward"] and closed == []
+    barrier = threading.Barrier(3)
+    with pytest.raises(RuntimeError, match="rollout failed to start"):
+        start_together(lambda: _Group(barrier, closed, "learner"), lambda: _Group(barrier, closed, "rollout", fail=True),
+                       lambda: _Group(barrier, closed, "reward"))
+    assert sorted(closed) == ["learner", "reward"]
 
 
 def test_packed_weights_round_trip_any_dtype_and_layout():
