@@ -34,9 +34,8 @@ def score(batch_size: int, sequences: int) -> dict:
     from ray_crm.assets import resolve_model
     from ray_crm.config import load_config
     from ray_crm.data.encode import PairEncoder
-    from ray_crm.eval.scoring import by_length
     from ray_crm.models.loading import load_policy_model, pad_sequences, tokenizer_at
-    from ray_crm.models.logprobs import rows_within_logit_budget, sequence_logprobs
+    from ray_crm.models.logprobs import by_length, rows_within_logit_budget, sequence_logprobs
 
     torch.set_num_threads(2)
     cfg = load_config(ROOT / "configs" / "dpo_length.yaml")

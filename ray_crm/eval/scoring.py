@@ -19,7 +19,7 @@ import numpy as np
 from ray_crm.assets import resolve_model
 from ray_crm.config import POLICY_LOSSES, LoraConfig
 from ray_crm.data.encode import PairEncoder
-from ray_crm.models.logprobs import rows_within_logit_budget, sequence_logprobs
+from ray_crm.models.logprobs import by_length, logprobs_by_length, rows_within_logit_budget
 
 
 def model_folder(name_or_path: str) -> Path:
@@ -123,31 +123,3 @@ def reference_logprobs(path: str, pad_id: int) -> tuple[Any, dict]:
     from ray_crm.models.loading import load_policy_model
 
     return load_policy_model(path, LoraConfig(enabled=False), pad_id).eval(), {}
-
-
-def logprobs_by_length(model, input_ids: Sequence[list[int]], starts: Sequence[int], pad_id: int,
-                       batch_size: int, device: str = "cpu") -> np.ndarray:
-    """`sequence_logprobs` of every sequence, in batches of like length, in the input order."""
-    from ray_crm.models.loading import pad_sequences
-
-    starts = np.asarray(starts)
-
-    def batch(idx: np.ndarray):
-        inputs = pad_sequences([input_ids[i] for i in idx], None, pad_id, device)
-        return sequence_logprobs(model, inputs, starts[idx]).cpu()
-
-    return by_length(input_ids, batch_size, batch)
-
-
-def by_length(input_ids: Sequence[list[int]], batch_size: int, score_batch) -> np.ndarray:
-    """`score_batch(indices)` over batches of similar length (less padding), in inference mode; the scores in
-    the input order, as float64."""
-    import torch
-
-    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
-    scores = np.empty(len(order), np.float64)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        with torch.inference_mode():
-            scores[idx] = score_batch(idx).float().numpy()
-    return scores

@@ -1,6 +1,7 @@
 """Log-probabilities of a causal LM's own tokens, and DPO's implicit reward beta * log(pi / pi_ref).
 
-Pure torch over a model call, no Ray: the RL learner and the DPO trainer both score sequences here. The
+Pure torch over a model call, no Ray: the RL learner and the DPO trainer both score sequences here, and
+`ray-crm eval` and DPO's reference actors score many at once (`logprobs_by_length`). The
 reference of DPO is the same model with its LoRA adapter switched off, so it costs no second copy.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,3 +65,29 @@ def implicit_reward(model, batch: dict[str, Tensor], starts: Sequence[int] | Ten
         with torch.no_grad(), getattr(model, "module", model).disable_adapter():
             reference = sequence_logprobs(model, batch, starts)
     return beta * (logp - reference.to(logp.dtype))
+
+
+def logprobs_by_length(model, input_ids: Sequence[list[int]], starts: Sequence[int], pad_id: int,
+                       batch_size: int, device: str = "cpu") -> np.ndarray:
+    """`sequence_logprobs` of every sequence, in batches of like length, in the input order."""
+    from ray_crm.models.loading import pad_sequences
+
+    starts = np.asarray(starts)
+
+    def batch(idx: np.ndarray):
+        inputs = pad_sequences([input_ids[i] for i in idx], None, pad_id, device)
+        return sequence_logprobs(model, inputs, starts[idx]).cpu()
+
+    return by_length(input_ids, batch_size, batch)
+
+
+def by_length(input_ids: Sequence[list[int]], batch_size: int, score_batch) -> np.ndarray:
+    """`score_batch(indices)` over batches of similar length (less padding), in inference mode; the scores in
+    the input order, as float64."""
+    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+    scores = np.empty(len(order), np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        with torch.inference_mode():
+            scores[idx] = score_batch(idx).float().numpy()
+    return scores

@@ -45,8 +45,7 @@ class ReferenceLogprobs:
         self.pad_id, self.prefixes = pad_id, prefixes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ray_crm.eval.scoring import logprobs_by_length
-        from ray_crm.models.logprobs import rows_within_logit_budget
+        from ray_crm.models.logprobs import logprobs_by_length, rows_within_logit_budget
 
         out = {"pair_id": batch["pair_id"]}
         for prefix in self.prefixes:
