@@ -1,22 +1,24 @@
-"""PNG figures of an eval/audit report (matplotlib, Agg backend: no display needed)."""
+"""PNG figures of an eval/audit report and an RL run's monitor.
+
+matplotlib's object API, not pyplot: no display is needed, and no global figure state is shared, so two runs in
+one process (the main job's two GRPO runs) can draw at once.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 
 def _grid(n: int, width: float = 4.0, height: float = 3.2):
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, list(axes.flat[:n])
@@ -25,7 +27,6 @@ def _grid(n: int, width: float = 4.0, height: float = 3.2):
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
