@@ -2,9 +2,9 @@
 
     python benchmarks/dpo_generations.py        # -> benchmarks/results/cdpo_length_generations.json
 
-Every policy of a result file of `crm_seeds.py --family dpo --bench length` (default: the pilot's
-`benchmarks/results/cdpo_length_validation.json`, from `--validation-only`; pass the 3-seed run's file with
-`--result`), each lambda and seed, and the base model it started from
+Every policy of a result file of `crm_seeds.py --family dpo --bench length` (default: the 3-seed run's
+`benchmarks/results/cdpo_length.json`; a `--validation-only` pilot's file works too), each lambda and seed,
+and the base model it started from
 sample `--samples` answers to each test prompt of the length benchmark, with the same sampling seeds, through
 the project's own Ray Data + vLLM batch inference (`ray_crm.rl.batch_inference`). Reported per model: mean
 answer length in tokens, the share that ended on their own (EOS) within `--max-new-tokens`, and the VADER
@@ -41,7 +41,7 @@ def generate(model: str, prompts: list[str], cfg, samples: int, max_new_tokens: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "cdpo_length_validation.json"),
+    p.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "cdpo_length.json"),
                    help="a crm_seeds.py --family dpo result file (its `models` list)")
     p.add_argument("--samples", type=int, default=32, help="answers per test prompt and model")
     p.add_argument("--max-new-tokens", type=int, default=64)
