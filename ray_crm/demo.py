@@ -4,16 +4,12 @@ one Ray cluster, and the evaluation of both on counterfactual twins.
 bench -> prepare -> train-rm (Bradley-Terry) -> train-rm (the config's causal RM) -> eval -> train-rl against
 each RM (GRPO of the `rl.policy`, prompted with the benchmark's test prompts, gold scorers from `reward.gold`), so
 what each RM teaches a policy shows beside how it scores. The config names the benchmark (`bench.names`, one) and
-the causal loss (`loss.type=crm`, variant, lambda); `rl.steps=0` skips the RL part. The two GRPO runs go side by
-side when a local cluster's CPUs hold both runs' actors (configs/demo.yaml gives each run 1 of 2 CPUs), else
-one after the other.
+the causal loss (`loss.type=crm`, variant, lambda); `rl.steps=0` skips the RL part.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +17,7 @@ from ray_crm.assets import fetch_all
 from ray_crm.config import Config, ConfigError, dump_config, validate
 from ray_crm.console import StageConsole
 from ray_crm.eval.benchmarks import benchmark_dir
-from ray_crm.runtime import init_ray, starts_local_cluster
+from ray_crm.runtime import init_ray
 from ray_crm.stages import run_stage
 
 
@@ -47,9 +43,7 @@ def run_demo(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     out = cfg.stage_dir("demo")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    rl_at_once = fit_at_once(cfg, 2)
-    console = StageConsole(out / "demo.log", total=6 + (0 if not cfg.rl.steps else 1 if rl_at_once else 2),
-                           verbose=verbose)
+    console = StageConsole(out / "demo.log", total=6 + (2 if cfg.rl.steps else 0), verbose=verbose)
     console.say(f"ray-crm demo: {cfg.bench.names[0]} benchmark, vanilla vs causal RM"
                 + (", then GRPO against each" if cfg.rl.steps else "") + f"; stage output in {console.log}")
     results: dict[str, Any] = {}
@@ -62,14 +56,10 @@ def run_demo(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     _stage(console, results, "eval", "eval", _with(cfg, eval={"models": [f"{k}={v}" for k, v in models.items()]}))
     if cfg.rl.steps:
         prompts = cfg.rl.prompts or [str(benchmark_dir(cfg.bench.names[0], cfg.bench) / "test.parquet")]
-        runs = {label: _with(cfg, reward={"model": model, "template": cfg.data.template, "max_length": cfg.model.max_length},
-                             rl={"prompts": prompts, "output_dir": str(cfg.stage_dir("train-rl") / label)})
-                for label, model in models.items()}
-        if rl_at_once:
-            results.update(console.stage("train-rl/" + "+".join(runs), lambda: train_rl_at_once(runs)))
-        else:
-            for label, rl_cfg in runs.items():
-                _stage(console, results, f"train-rl/{label}", "train-rl", rl_cfg)
+        for label, model in models.items():
+            rl_cfg = _with(cfg, reward={"model": model, "template": cfg.data.template, "max_length": cfg.model.max_length},
+                           rl={"prompts": prompts, "output_dir": str(cfg.stage_dir("train-rl") / label)})
+            _stage(console, results, f"train-rl/{label}", "train-rl", rl_cfg)
     results["seconds"] = console.seconds
     (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
     console.say()
@@ -81,23 +71,6 @@ def run_demo(cfg: Config, verbose: bool = False) -> dict[str, Any]:
                 + f"\nstage seconds: {json.dumps(console.seconds)}")
     console.close()
     return {"summary": str(out / "summary.json"), "report": results["eval"]["markdown"], "log": str(console.log)}
-
-
-def fit_at_once(cfg: Config, runs: int) -> bool:
-    """Whether a local cluster's CPUs hold `runs` GRPO runs' actors at the same time (`*.cpus_per_*` are per
-    run). On a cluster started elsewhere the runs go one after the other."""
-    from ray_crm.rl.grpo_trainer import trial_bundles
-
-    one = trial_bundles(_with(cfg, reward={"model": "the trained RM"}))[-1]["CPU"]  # its actors (not a trial's driver)
-    return starts_local_cluster(cfg.ray) and runs * one <= (cfg.ray.num_cpus or os.cpu_count() or 1)
-
-
-def train_rl_at_once(runs: dict[str, Config]) -> dict[str, Any]:
-    """The GRPO runs side by side on the one cluster: on a small machine one run alone leaves cores idle while
-    its engine compiles, its models load and its learner waits for rollouts."""
-    with ThreadPoolExecutor(max_workers=len(runs)) as threads:
-        futures = {label: threads.submit(run_stage, "train-rl", c) for label, c in runs.items()}
-    return {f"train-rl/{label}": f.result() for label, f in futures.items()}
 
 
 def test_table(report: Path, bench: str) -> str:

@@ -1,7 +1,7 @@
 """PNG figures of an eval/audit report and an RL run's monitor.
 
-matplotlib's object API, not pyplot: no display is needed, and no global figure state is shared, so two runs in
-one process (the main job's two GRPO runs) can draw at once.
+matplotlib's object API, not pyplot: no display is needed, and no global figure state is shared between
+threads that draw at once.
 """
 
 from __future__ import annotations

@@ -75,14 +75,3 @@ def test_a_logging_handler_made_during_a_stage_keeps_working_after_it(tmp_path, 
     text = (tmp_path / "run.log").read_text()
     assert "a record of the next stage" in text
     assert "Logging error" not in text + out + err
-
-
-def test_the_demo_runs_its_two_grpo_runs_at_once_only_when_a_local_cluster_holds_both():
-    from ray_crm.config import load_config
-    from ray_crm.demo import fit_at_once
-
-    demo = "configs/demo.yaml"
-    assert fit_at_once(load_config(demo), 2)  # each run's actors: 1 of the 2 CPUs
-    assert not fit_at_once(load_config(demo), 3)
-    assert not fit_at_once(load_config(demo, ["rl.learner_cpus=0.5"]), 2)
-    assert not fit_at_once(load_config(demo, ["ray.address=ray://head:10001"]), 2)  # a cluster started elsewhere
