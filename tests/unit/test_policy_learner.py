@@ -332,11 +332,17 @@ def test_packed_and_padded_micro_batches_take_the_same_steps(tiny_llama_dir):
     for pack in (0, 64):
         learner = PolicyLearner(tiny_llama_dir, _cfg(lr=1e-3, micro_batch_size=2, pack_tokens=pack,
                                                      regularizer="gr", gr_gamma=1.0, gr_fd_eps=1e-2))
+        start = _params(learner)
         rows = [learner.step(_batch(engine=[[-1.0] * len(r) for r in RESPONSES])) for _ in range(2)]
-        runs[pack] = (_params(learner), rows)
+        runs[pack] = (_params(learner), rows, start)
     # Packed rows change the attention's summation order, and GR's finite difference (g2 - g1) / eps magnifies
-    # it: on one CPU the weights agree to 1e-6, on another to 1.2e-5, ~1% of the two Adam steps of 1e-3 each.
-    assert all(torch.allclose(a, b, atol=5e-5) for a, b in zip(runs[0][0], runs[64][0]))
+    # it; Adam then moves a weight whose gradient is ~0 by up to lr whatever the gradient's size, so one such
+    # weight can differ by several 1e-5 (8e-5 of 2048 on one CPU, 1e-6 on another). What must hold: the weights
+    # moved the same way, their gap a tiny share of how far they moved.
+    gap = torch.cat([(a - b).abs().flatten() for a, b in zip(runs[0][0], runs[64][0])])
+    moved = torch.cat([(a - b).abs().flatten() for a, b in zip(runs[0][0], runs[0][2])])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[64][2]))  # the same start
+    assert gap.mean() < 1e-3 * moved.mean() and gap.max() < 0.1 * moved.max(), (gap.mean(), gap.max(), moved.mean())
     for a, b in zip(runs[0][1], runs[64][1]):
         for key in ("policy/loss", "policy/grad_norm", "gr/g2_norm", "policy/entropy", "policy/kl_to_initial"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
