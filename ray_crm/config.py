@@ -167,6 +167,11 @@ class TrainConfig(Section):
     offload: bool = False
     batch_size: int = Field(16, ge=2)
     grad_accum: int = Field(1, ge=1)
+    pack_tokens: int = Field(0, ge=0, description=(
+        "a step's sequences packed whole into rows of up to this many tokens (first fit by decreasing length), "
+        "positions restarting at each and attention kept inside each, so no padding goes through the model; "
+        "0: one right-padded row per sequence. Same scores to fp32 rounding (dropout draws differ); a sequence "
+        "longer than this gets a row of its own. Speed against padding: docs/benchmarks.md"))
     lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     epochs: int = Field(1, ge=1)

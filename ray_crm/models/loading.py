@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ray_crm.assets import resolve_model
 from ray_crm.config import LoraConfig, ModelConfig
+from ray_crm.models.packing import PackedSequences
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -103,6 +104,42 @@ def score(model, batch: dict[str, Tensor], with_representation: bool = False) ->
     return rewards, pooled.float()
 
 
+def _classification_model(model):
+    """The transformers *ForSequenceClassification inside a DeepSpeed engine and/or a PEFT wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_packed(model, packed: PackedSequences, with_representation: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`score` for packed sequences: the backbone runs on the packed rows under a block-diagonal mask, and the
+    head on each sequence's pooling token, pooled as the model's own head pools a right-padded row (decoders:
+    the last token that is not the pad id; encoders: the first token, through their pooler)."""
+    hf = _classification_model(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    decoder = hasattr(hf, "score")
+    inputs = packed.model_inputs(backbone, causal=decoder)
+    padding_idx = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
+    if padding_idx is not None:  # RoBERTa family: positions count from the pad id + 1
+        inputs["position_ids"] = inputs["position_ids"] + padding_idx + 1
+    hidden = backbone(**inputs).last_hidden_state
+    if decoder:
+        real = (packed.segment >= 0) & (packed.input_ids != hf.config.pad_token_id)
+        offset = torch.zeros_like(packed.start).scatter_reduce(
+            0, packed.segment[real], packed.position_ids[real], "amax")
+        pooled = hidden[packed.row, packed.start + offset]
+        rewards = hf.score(pooled)
+    else:
+        pooled = hidden[packed.first]
+        if getattr(backbone, "pooler", None) is not None:  # BERT: the pooler is the backbone's
+            rewards = hf.classifier(hf.dropout(backbone.pooler(pooled[:, None])))
+        elif hasattr(hf.classifier, "out_proj"):  # RoBERTa: the head pools the first token itself
+            rewards = hf.classifier(pooled[:, None])
+        else:
+            raise ValueError(f"packed scoring knows decoders, BERT and RoBERTa heads, not {type(hf).__name__}: "
+                             "set train.pack_tokens=0")
+    return rewards.squeeze(-1).float(), pooled.float() if with_representation else None
+
+
 def pad_sequences(ids: list, token_types: list | None, pad_id: int,
                   device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """Token lists (and their token type ids, if any) -> one right-padded batch."""
@@ -119,13 +156,18 @@ def pad_sequences(ids: list, token_types: list | None, pad_id: int,
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def pad_pairs(rows: dict[str, Any], pad_id: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """Chosen then rejected token lists -> one right-padded batch of 2N sequences."""
+def pair_sequences(rows: dict[str, Any]) -> tuple[list, list | None]:
+    """Chosen then rejected token lists (2N), and their token type ids if the model has them."""
     ids = list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"])
     types = None
     if "chosen_token_type_ids" in rows:
         types = list(rows["chosen_token_type_ids"]) + list(rows["rejected_token_type_ids"])
-    return pad_sequences(ids, types, pad_id, device)
+    return ids, types
+
+
+def pad_pairs(rows: dict[str, Any], pad_id: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Chosen then rejected token lists -> one right-padded batch of 2N sequences."""
+    return pad_sequences(*pair_sequences(rows), pad_id, device)
 
 
 DATA_MANIFEST = "data_manifest.json"

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ray_crm.models.packing import PackedSequences
+
 # Floats in one scoring batch's logits (512 MiB in fp32): a causal LM's full-vocabulary logits, not its weights,
 # set the memory of scoring many sequences at once (128 x 192 tokens x 49k vocabulary is 4.8 GB, before the
 # log-softmax's temporaries).
@@ -48,14 +50,20 @@ def response_mask(attention_mask: Tensor, starts: Sequence[int] | Tensor) -> Ten
     return ((positions >= starts) & attention_mask[:, 1:].bool()).float()
 
 
-def sequence_logprobs(model, batch: dict[str, Tensor], starts: Sequence[int] | Tensor) -> Tensor:
-    """Sum of log p(token) over each sequence's response tokens [B], right-padded `batch`."""
+def sequence_logprobs(model, batch: dict[str, Tensor] | PackedSequences, starts: Sequence[int] | Tensor) -> Tensor:
+    """Sum of log p(token) over each sequence's response tokens [B]: a right-padded `batch`, or packed rows."""
+    if isinstance(batch, PackedSequences):
+        logp = token_logprobs(model(**batch.model_inputs(model, causal=True)).logits, batch.input_ids)
+        owner, position = batch.segment[:, 1:], batch.position_ids[:, 1:]  # of the token each logit predicts
+        starts = torch.as_tensor(starts, device=owner.device)
+        scored = (owner >= 0) & (position >= 1) & (position >= starts[owner.clamp(min=0)])
+        return logp.new_zeros(len(starts)).index_add_(0, owner[scored], logp[scored])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = response_mask(batch["attention_mask"], starts)
     return (token_logprobs(logits, batch["input_ids"]) * mask).sum(-1)
 
 
-def implicit_reward(model, batch: dict[str, Tensor], starts: Sequence[int] | Tensor, beta: float,
+def implicit_reward(model, batch: dict[str, Tensor] | PackedSequences, starts: Sequence[int] | Tensor, beta: float,
                     reference: Tensor | None = None) -> Tensor:
     """beta * (log pi(y|x) - log pi_ref(y|x)) per sequence [B]. `reference`: pi_ref's log-probs [B] computed
     beforehand; without it pi_ref is `model` (a PeftModel, or a DeepSpeed engine around one) with its adapter

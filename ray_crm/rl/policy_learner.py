@@ -55,6 +55,7 @@ from ray_crm.checkpoint import load_tensors, save_tensors
 from ray_crm.config import RLConfig
 from ray_crm.models.loading import load_policy_model, tokenizer_at
 from ray_crm.models.logprobs import token_entropy, token_logprobs
+from ray_crm.models.packing import pack_sequences
 from ray_crm.rl.advantages import gae, token_rewards
 from ray_crm.rl.ds_learner import DeepSpeedLearner, join_process_group
 from ray_crm.rl.policy_losses import clipped_policy_loss, kl_to_reference
@@ -116,20 +117,6 @@ def shard(batch: PolicyBatch, rank: int, world: int) -> PolicyBatch:
                    rewards=None if batch.rewards is None else batch.rewards[rows])
 
 
-def _rows(lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
-    """Sequence indices grouped into rows: consecutive sequences while they fit in `pack_tokens` (a longer one
-    gets a row of its own); one per row when `pack_tokens` is 0."""
-    rows: list[list[int]] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if not rows or not pack_tokens or used + n > pack_tokens:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
-
-
 def micro_batches(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int,
                   micro_batch_size: int, pack_tokens: int = 0) -> list[MicroBatch]:
     """Micro-batches of `micro_batch_size` prompt + response sequences, each packed into rows of up to
@@ -138,26 +125,13 @@ def micro_batches(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[i
     for start in range(0, len(prompt_ids), micro_batch_size):
         rows = slice(start, min(start + micro_batch_size, len(prompt_ids)))
         prompts = prompt_ids[rows]
-        seqs = [p + r for p, r in zip(prompts, response_ids[rows], strict=True)]
-        layout = _rows([len(q) for q in seqs], pack_tokens)
-        length = max(sum(len(seqs[i]) for i in row) for row in layout)
-        ids = torch.full((len(layout), length), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(layout), length), dtype=torch.long)
-        positions = torch.zeros((len(layout), length), dtype=torch.long)
-        resp = torch.zeros((len(layout), length - 1))
-        sequence = torch.full((len(layout), length - 1), -1, dtype=torch.long)
-        for r, row in enumerate(layout):
-            at = 0
-            for i in row:
-                seq, n, p = seqs[i], len(seqs[i]), len(prompts[i])
-                ids[r, at : at + n] = torch.tensor(seq)
-                attn[r, at : at + n] = 1
-                positions[r, at : at + n] = torch.arange(n)
-                resp[r, at + p - 1 : at + n - 1] = 1
-                sequence[r, at : at + n - 1] = i
-                at += n
-        packed = any(len(row) > 1 for row in layout)
-        out.append(MicroBatch(ids, attn, resp, rows, sequence, positions if packed else None))
+        packed = pack_sequences([p + r for p, r in zip(prompts, response_ids[rows], strict=True)], pad_id, pack_tokens)
+        owner, position = packed.segment[:, 1:], packed.position_ids[:, 1:]  # of the token each logit predicts
+        sequence = torch.where(position >= 1, owner, -1)  # -1: padding, or the first token of a sequence
+        prompt_len = torch.as_tensor([len(p) for p in prompts])
+        resp = ((sequence >= 0) & (position >= prompt_len[sequence.clamp(min=0)])).float()
+        out.append(MicroBatch(packed.input_ids, (packed.segment >= 0).long(), resp, rows, sequence,
+                              packed.position_ids if packed.packed else None))
     return out
 
 

@@ -42,7 +42,16 @@ from ray_crm.losses import (
     pair_loss,
     warmed_up_lambda,
 )
-from ray_crm.models.loading import load_pair_model, load_tokenizer, pad_pairs, pad_sequences, score
+from ray_crm.models.loading import (
+    load_pair_model,
+    load_tokenizer,
+    pad_pairs,
+    pad_sequences,
+    pair_sequences,
+    score,
+    score_packed,
+)
+from ray_crm.models.packing import PackedSequences, pack_sequences
 from ray_crm.models.logprobs import implicit_reward, rows_within_logit_budget
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
@@ -69,14 +78,17 @@ def loss_settings(cfg: Config, num_bins: int) -> PairLossSettings:
                             beta=cfg.loss.beta)
 
 
-def sequence_scores(cfg: Config, engine, batch: dict[str, torch.Tensor], starts: np.ndarray | None,
+def sequence_scores(cfg: Config, engine, batch: dict[str, torch.Tensor] | PackedSequences, starts: np.ndarray | None,
                     with_representation: bool = False, reference: np.ndarray | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the pair loss compares, per sequence: a reward head's reward, or a policy's implicit reward (against
     the precomputed `reference` log-probs if given, else the adapter switched off)."""
     if cfg.loss.trains_policy:
-        ref = None if reference is None else torch.as_tensor(reference, device=batch["input_ids"].device)
+        ids = batch.input_ids if isinstance(batch, PackedSequences) else batch["input_ids"]
+        ref = None if reference is None else torch.as_tensor(reference, device=ids.device)
         return implicit_reward(engine, batch, starts, cfg.loss.beta, ref), None
+    if isinstance(batch, PackedSequences):
+        return score_packed(engine, batch, with_representation)
     return score(engine, batch, with_representation)
 
 
@@ -112,7 +124,12 @@ def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
 
 
 def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], settings: PairLossSettings, device, global_batch: bool):
-    batch = pad_pairs(rows, engine.module.config.pad_token_id, device)
+    pad_id = engine.module.config.pad_token_id
+    if cfg.train.pack_tokens:
+        ids, types = pair_sequences(rows)
+        batch = pack_sequences(ids, pad_id, cfg.train.pack_tokens, types).to(device)
+    else:
+        batch = pad_pairs(rows, pad_id, device)
     with_repr = cfg.loss.type == "crm" and cfg.loss.mmd.on == "representation"
     rewards, reps = sequence_scores(cfg, engine, batch, _starts(rows), with_repr, _both(rows, "ref_logp"))
     n = len(rows["bin_chosen"])

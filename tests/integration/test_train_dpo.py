@@ -112,8 +112,8 @@ def test_causal_dpo_learns_resumes_and_exports_a_policy_whose_implicit_reward_is
     np.testing.assert_allclose(0.5 * ratio.numpy(), trained["chosen"][:8], atol=1e-4, rtol=1e-4)
 
 
-def test_ipo_trains_on_two_workers(prepared):
-    cfg = _cfg(prepared, "loss.type=ipo", "loss.beta=0.5")
+def test_ipo_trains_on_two_workers_on_packed_rows(prepared):
+    cfg = _cfg(prepared, "loss.type=ipo", "loss.beta=0.5", "train.pack_tokens=256")
     run_train_dpo(cfg)
     train = _logs(cfg, "train")
     assert train["loss/total"].iloc[0] == pytest.approx(1.0, abs=1e-3)  # (0 - 1/(2 beta))^2 at pi = pi_ref

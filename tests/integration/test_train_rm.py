@@ -56,8 +56,9 @@ def _eval_log(cfg) -> pd.DataFrame:
     return pd.read_csv(cfg.stage_dir("train-rm") / run_name(cfg) / "logs" / "eval.csv")
 
 
-def test_zero2_crm_on_mirror_resampled_pairs_with_a_ramped_penalty_trains_and_lowers_the_loss(prepared):
-    cfg = _cfg(prepared, "train.zero_stage=2", "loss.type=crm", "loss.lambda_mmd=0.5", "loss.balance=mirror_sample",
+def test_zero2_crm_on_mirror_resampled_packed_pairs_with_a_ramped_penalty_trains_and_lowers_the_loss(prepared):
+    cfg = _cfg(prepared, "train.zero_stage=2", "train.pack_tokens=96", "loss.type=crm", "loss.lambda_mmd=0.5",
+               "loss.balance=mirror_sample",
                "loss.lambda_warmup=0.2", "train.epochs=2", "train.max_steps=30", "train.eval_every=5", "train.lr=0.01")
     result = run_train_rm(cfg)
     evals = _eval_log(cfg)

@@ -67,12 +67,13 @@ def test_response_mask_marks_the_positions_that_predict_response_tokens():
 
 def test_packed_rows_hold_whole_sequences_with_restarting_positions_and_the_same_response_targets():
     (mb,) = micro_batches(PROMPTS, RESPONSES, pad_id=0, micro_batch_size=2, pack_tokens=64)
-    assert mb.input_ids.shape == (1, 15) and mb.input_ids[0].tolist() == PROMPTS[0] + RESPONSES[0] + PROMPTS[1] + RESPONSES[1]
-    assert mb.position_ids[0].tolist() == list(range(7)) + list(range(8))
-    assert mb.response_mask[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1]  # no target across the seam
-    assert mb.sequence[0].tolist() == [0] * 6 + [-1] + [1] * 7  # the seam predicts no token of either
-    assert mb.input_ids[:, 1:][mb.response_mask.bool()].tolist() == RESPONSES[0] + RESPONSES[1]
-    assert mb.per_token(torch.tensor([2.0, -3.0]))[0].tolist() == [0, 0, 0, 2, 2, 2, 0, 0, -3, -3, -3, -3, -3, -3]
+    # first fit by decreasing length: the 8-token sequence 1 first, then the 7-token sequence 0
+    assert mb.input_ids.shape == (1, 15) and mb.input_ids[0].tolist() == PROMPTS[1] + RESPONSES[1] + PROMPTS[0] + RESPONSES[0]
+    assert mb.position_ids[0].tolist() == list(range(8)) + list(range(7))
+    assert mb.response_mask[0].tolist() == [0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1]  # no target across the seam
+    assert mb.sequence[0].tolist() == [1] * 7 + [-1] + [0] * 6  # the seam predicts no token of either
+    assert mb.input_ids[:, 1:][mb.response_mask.bool()].tolist() == RESPONSES[1] + RESPONSES[0]
+    assert mb.per_token(torch.tensor([2.0, -3.0]))[0].tolist() == [0, -3, -3, -3, -3, -3, -3, 0, 0, 0, 0, 2, 2, 2]
     assert set(mb.model_inputs(torch.device("cpu"))) == {"input_ids", "position_ids"}  # no mask: block-diagonal
     # a row holds what fits: 7 + 8 tokens do not fit in 10, so two rows, and no packing left to declare
     (mb,) = micro_batches(PROMPTS, RESPONSES, pad_id=0, micro_batch_size=2, pack_tokens=10)
