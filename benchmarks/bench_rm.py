@@ -5,7 +5,10 @@
 Same backbone (all-MiniLM-L6-v2 + LoRA r=8), same VADER pairs and token ids, batch of 16 pairs, max length 64,
 fp32, one torch thread per process. Our numbers are the median seconds per optimizer step logged by the Ray
 Train workers (after 5 warm-up steps); TRL's the median of its step times measured by a callback, in this
-process. Ratios are taken within one run of this script. The 1-worker BT, CRM and TRL runs alternate for
+process. `ours_over_trl` is TRL's step over our BT step on packed rows (`train.pack_tokens=128`: no padding
+runs through the model; TRL pads each batch to its longest pair); `ours_padded_over_trl` the same with our
+right-padded rows, and `padding_share` the share of padding among the positions each of our runs computed.
+Ratios are taken within one run of this script. The 1-worker BT (padded, packed), CRM and TRL runs alternate for
 `--rounds` rounds, every side gets the same rounds and the same rule (the median over its rounds), and every
 round is reported (`rounds_seconds_per_step`, and `ours_over_trl_rounds` round by round): the order of runs and
 the machine's drift must not decide a ratio. `crm_over_bt_step` itself comes from BT and CRM
@@ -32,6 +35,7 @@ from ray_crm.train.rm_trainer import run_train_rm
 
 RESULTS = Path(__file__).parent / "results" / "rm.json"
 WARMUP = 5
+PACK_TOKENS = 128  # rows of two max-length sequences: attention under the block mask stays a small share
 
 
 def _base(out: Path, pairs: int, steps: int) -> list[str]:
@@ -43,11 +47,14 @@ def _base(out: Path, pairs: int, steps: int) -> list[str]:
     ]
 
 
-def ours(base: list[str], *extra: str) -> float:
-    """Median seconds per optimizer step of one of our training runs (a fresh run: `extra` names it)."""
+def ours(base: list[str], *extra: str, shares: dict[str, list[float]] | None = None, key: str = "") -> float:
+    """Median seconds per optimizer step of one of our training runs (a fresh run: `extra` names it); the mean
+    share of padding in the positions its model ran goes to `shares[key]`."""
     cfg = load_config(None, [*base, *extra])
     run_train_rm(cfg)
     log = pd.read_csv(cfg.stage_dir("train-rm") / run_name(cfg) / "logs" / "train.csv")
+    if shares is not None:
+        shares.setdefault(key, []).append(float(log["padding_share"].mean()))
     return statistics.median(16 / log["pairs_per_s"].iloc[WARMUP:])
 
 
@@ -140,10 +147,14 @@ def main() -> None:
     base = _base(out, args.pairs, args.steps)
     run_prepare(load_config(None, base))
     one = ["train.num_workers=1", "train.cpus_per_worker=1.0", "train.zero_stage=0"]
-    rounds: dict[str, list[float]] = {"bt_1w": [], "crm_1w": [], "trl_1w": []}
+    packed = f"train.pack_tokens={PACK_TOKENS}"
+    rounds: dict[str, list[float]] = {"bt_1w": [], "bt_1w_packed": [], "crm_1w": [], "trl_1w": []}
+    shares: dict[str, list[float]] = {}
     for i in range(args.rounds):  # run names hash the config: the round's seed makes each run a fresh one
-        rounds["bt_1w"].append(ours(base, *one, f"train.seed={i}", "loss.type=bt"))
-        rounds["crm_1w"].append(ours(base, *one, f"train.seed={i}", "loss.type=crm", "loss.lambda_mmd=1.0"))
+        seed = f"train.seed={i}"
+        rounds["bt_1w"].append(ours(base, *one, seed, "loss.type=bt", shares=shares, key="padded"))
+        rounds["bt_1w_packed"].append(ours(base, *one, seed, "loss.type=bt", packed, shares=shares, key="packed"))
+        rounds["crm_1w"].append(ours(base, *one, seed, "loss.type=crm", "loss.lambda_mmd=1.0"))
         rounds["trl_1w"].append(trl(base, args.steps))
     step = {k: statistics.median(v) for k, v in rounds.items()}
     step["crm_2w"] = ours(base, "train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2",
@@ -158,8 +169,12 @@ def main() -> None:
         "crm_over_bt_step": alternated["crm"] / alternated["bt"],
         "interleaved_seconds_per_step": alternated,
         "crm_over_bt_run_level": step["crm_1w"] / step["bt_1w"],
-        "ours_over_trl": step["trl_1w"] / step["bt_1w"],
-        "ours_over_trl_rounds": [t / b for t, b in zip(rounds["trl_1w"], rounds["bt_1w"], strict=True)],
+        "padding_share": {k: statistics.mean(v) for k, v in shares.items()},
+        "packed_over_padded": step["bt_1w"] / step["bt_1w_packed"],
+        "ours_over_trl": step["trl_1w"] / step["bt_1w_packed"],
+        "ours_over_trl_rounds": [t / b for t, b in zip(rounds["trl_1w"], rounds["bt_1w_packed"], strict=True)],
+        "ours_padded_over_trl": step["trl_1w"] / step["bt_1w"],
+        "ours_padded_over_trl_rounds": [t / b for t, b in zip(rounds["trl_1w"], rounds["bt_1w"], strict=True)],
         "scaling_1_to_2_workers": step["crm_1w"] / step["crm_2w"],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +182,9 @@ def main() -> None:
     print("| run | s/step | pairs/s |\n|---|---|---|")
     for k, v in step.items():
         print(f"| {k} | {v:.3f} | {16 / v:.1f} |")
-    print({k: round(result[k], 3) for k in ("crm_over_bt_step", "ours_over_trl", "scaling_1_to_2_workers")})
+    print({k: round(result[k], 3) for k in ("crm_over_bt_step", "packed_over_padded", "ours_over_trl",
+                                            "ours_padded_over_trl", "scaling_1_to_2_workers")})
+    print("padding share of the positions run:", result["padding_share"])
 
 
 if __name__ == "__main__":

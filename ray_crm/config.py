@@ -341,10 +341,12 @@ class RLConfig(Section):
     learner_threads: int | None = Field(None, ge=1, description="torch threads of the learner; None: ray.torch_threads")
     num_workers: int = Field(1, ge=1, description="learner ranks (Ray actors, each a DeepSpeed engine), data-parallel "
                              "over the rollout batch; each reserves learner_cpus (and a GPU with use_gpu)")
-    zero_stage: Literal[0, 1, 2] = Field(
-        0, description="ZeRO stage of the learner: 1 shards Adam, 2 also the gradients. Not 3: GR perturbs and "
-        "restores every trainable weight and each rank recomputes the reference policy's log-probs, which "
-        "ZeRO-3's sharded weights would make a gather per forward pass")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO stage of the learner: 1 shards Adam, 2 also the gradients, 3 also the weights "
+        "(gathered layer by layer for each pass, the trainable ones where the learner writes them: GR's "
+        "perturbation, the reference swap; the whole policy once per weight sync), so the frozen base need not "
+        "fit one device. 3 needs rl.lora.enabled: the learner holds the global gradient whole on every rank (GR "
+        "steps along it), which for a full fine-tune is the model's size again")
     lora: PolicyLoraConfig = Field(default_factory=PolicyLoraConfig)
     prompts: list[str] = Field(
         default_factory=list, description="JSONL/CSV/Parquet files with a prompt column; empty: the VADER task prompts"
@@ -412,6 +414,10 @@ class RLConfig(Section):
         else:
             unused["pack_tokens"] = "rl.advantage=gae runs GAE along each row, so its rows hold one sequence each"
         _reject_unused(self, unused)
+        if self.zero_stage == 3 and not self.lora.enabled:
+            raise ValueError("rl.zero_stage=3 needs rl.lora.enabled=true: the learner holds the global gradient "
+                             "whole on every rank, which for a full fine-tune is the model's size again, so ZeRO-3 "
+                             "would save nothing; a full fine-tune takes rl.zero_stage<=2")
         if self.regularizer == "gr" and self.precision == "bf16" and self.gr_fd_eps < BF16_MIN_FD_EPS:
             error = PydanticCustomError(
                 "bf16_gr", "under rl.precision=bf16 the gradient's rounding noise swamps GR's finite difference at "

@@ -95,10 +95,12 @@ def score(model, batch: dict[str, Tensor], with_representation: bool = False) ->
     rewards = out.logits.squeeze(-1).float()
     if not with_representation:
         return rewards, None
-    hidden, mask = out.hidden_states[-1], batch["attention_mask"]
-    if getattr(model.config, "is_decoder", False) or "token_type_ids" not in batch:
-        last = mask.sum(-1) - 1  # right padding: the last real token, as decoder heads pool
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    hidden, ids = out.hidden_states[-1], batch["input_ids"]
+    hf = _classification_model(model)
+    if hasattr(hf, "score"):  # decoders pool, as their head does, the last token that is not the pad id
+        real = ids != hf.config.pad_token_id
+        at = (torch.arange(ids.shape[1], device=ids.device) * real).argmax(-1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), at]
     else:
         pooled = hidden[:, 0]  # encoders pool the first ([CLS]) token
     return rewards, pooled.float()

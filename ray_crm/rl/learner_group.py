@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray_crm.config import Config, RLConfig, RolloutConfig
 from ray_crm.rl.policy_learner import PolicyBatch, PolicyLearner
 from ray_crm.rl.supervision import ActorCallError, ActorGroup, Member
-from ray_crm.rl.weights import pack_state_dict, policy_state_dict
+from ray_crm.rl.weights import pack_state_dict
 from ray_crm.runtime import set_threads
 
 # No config field bounds the learner's calls (start-up, step, save, load, export): a hung learner must still
@@ -69,7 +69,7 @@ class LearnerWorker:
     def engine_weights(self, dtype: torch.dtype) -> tuple[list[ray.ObjectRef], bool]:
         """The weights for the engines, put in the object store by this process (the driver never holds them)."""
         state, partial = self.learner.engine_weights()
-        return [ray.put(pack_state_dict(state, dtype, partial))], partial
+        return [ray.put(pack_state_dict(state, dtype, partial))] if self.rank == 0 else [], partial
 
     def enable_weight_broadcast(self, engines: list[Member], rollout: RolloutConfig, version: int) -> None:
         """Become rank 0 of an NCCL group with every engine worker (GPU; `ray_crm.rl.nccl_sync`)."""
@@ -81,7 +81,9 @@ class LearnerWorker:
 
     def broadcast_weights(self, version: int, dtype: torch.dtype) -> int:
         """Broadcast the full policy (LoRA merged, in the engines' dtype) to the engines; the bytes sent."""
-        state = {k: v.to(dtype) for k, v in policy_state_dict(self.learner.model).items()}
+        state = {k: v.to(dtype) for k, v in self.learner.policy_weights().items()}
+        if self.broadcast is None:  # a rank > 0 under ZeRO-3: it took part in gathering the weights
+            return 0
         self.broadcast.send(state, version)
         return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -109,6 +111,7 @@ class LearnerGroup:
         rl = cfg.rl
         self.timeout_s = timeout_s
         self.world = rl.num_workers
+        self.holders: list[int] | None = [0]
         bundle = {"CPU": rl.learner_cpus, **({"GPU": 1.0} if rl.use_gpu else {})}
         self._own_pg = None
         pg = ray.util.get_current_placement_group()  # a Tune trial's, which reserved the ranks' resources
@@ -138,6 +141,8 @@ class LearnerGroup:
 
     def setup(self, policy: str, rl: RLConfig) -> None:
         """(Re)build every rank's learner from `policy` under `rl` (same ranks, same process group)."""
+        # who takes part in reading the whole policy: rank 0 holds it, unless ZeRO-3 shards it over every rank
+        self.holders = None if rl.zero_stage == 3 else [0]
         self.call("setup", self.master["ip"], self.master["port"], policy, rl, during="starting the learner")
 
     def call(self, method: str, *args: Any, during: str, ranks: list[int] | None = None,
@@ -157,8 +162,8 @@ class LearnerGroup:
         return self.call("step", batch, during=during)[0]
 
     def engine_weights(self, dtype: torch.dtype, during: str, timeout_s: float) -> tuple[list[ray.ObjectRef], bool]:
-        """Rank 0's weights after the step (ZeRO 0-2: every rank holds them whole)."""
-        return self.call("engine_weights", dtype, during=during, ranks=[0], timeout_s=timeout_s)[0]
+        """Rank 0's weights after the step (under ZeRO-3 every rank helps gather them)."""
+        return self.call("engine_weights", dtype, during=during, ranks=self.holders, timeout_s=timeout_s)[0]
 
     def enable_weight_broadcast(self, engines: list[Member], rollout: RolloutConfig, version: int, during: str) -> None:
         """Rank 0 joins an NCCL group with the engines; later syncs go through `broadcast_weights`."""
@@ -167,7 +172,8 @@ class LearnerGroup:
 
     def broadcast_weights(self, version: int, dtype: torch.dtype, during: str, timeout_s: float) -> int:
         """Rank 0 broadcasts the stepped weights over NCCL; the bytes sent."""
-        return self.call("broadcast_weights", version, dtype, during=during, ranks=[0], timeout_s=timeout_s)[0]
+        return self.call("broadcast_weights", version, dtype, during=during, ranks=self.holders,
+                         timeout_s=timeout_s)[0]
 
     def save(self, folder: Path, during: str) -> None:
         """Every rank writes its part of a checkpoint into `folder` (shared by the ranks and the driver)."""
@@ -177,7 +183,7 @@ class LearnerGroup:
         self.call("load", str(folder), during=during)
 
     def save_policy(self, folder: Path, during: str) -> str:
-        return self.call("save_policy", str(folder), during=during, ranks=[0])[0]
+        return self.call("save_policy", str(folder), during=during, ranks=self.holders)[0]
 
     def close(self) -> None:
         self.actors.shutdown()

@@ -28,7 +28,8 @@ ranks step exactly as one would (up to fp32 summation order). A step
 cores on GPUs); weights and Adam stay fp32. Log-probs are those of the sampling distribution,
 softmax(logits / temperature), as the engines report them. The reference policy (KL, resets, the KL in PPO's
 reward) is a snapshot of the trainable tensors only, on every rank, swapped in with
-`torch.func.functional_call`: with LoRA it costs the adapters' size, not a second model.
+`DeepSpeedLearner.swapped_in` (copied in place and restored, so it also holds under ZeRO-3): with LoRA it costs
+the adapters' size, not a second model.
 
 A checkpoint (`save`/`load`, no pickle) holds each rank's optimizer partitions and, from rank 0, the trainable
 tensors (policy and critic), the reference and the step count.
@@ -47,7 +48,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 from torch.nn.utils import get_total_norm
 
 from ray_crm.assets import resolve_model
@@ -191,13 +191,12 @@ class PolicyLearner(DeepSpeedLearner):
         self.old_from_first_pass = cfg.epochs == 1 and cfg.minibatches == 1 and self.critic is None
         self.step_count = 0
 
-    def _logprobs(self, mb: MicroBatch, temperature: float, weights: dict[str, Tensor] | None = None,
-                  entropy: list[Tensor] | None = None) -> Tensor:
-        """Per-token log-probs [B, L - 1] (of `weights` swapped in, if given); appends the entropies to `entropy`."""
+    def _logprobs(self, mb: MicroBatch, temperature: float, entropy: list[Tensor] | None = None) -> Tensor:
+        """Per-token log-probs [B, L - 1]; appends the entropies to `entropy`."""
         device = self.params[0].device
         inputs = {**mb.model_inputs(device), "use_cache": False}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            out = functional_call(self.model, weights, args=(), kwargs=inputs) if weights else self.model(**inputs)
+            out = self.model(**inputs)
         if entropy is not None:
             entropy.append(token_entropy(out.logits.detach(), temperature).cpu())
         return token_logprobs(out.logits, inputs["input_ids"], temperature).cpu()
@@ -261,10 +260,13 @@ class PolicyLearner(DeepSpeedLearner):
                 if not self.old_from_first_pass:
                     part.old = [self._logprobs(mb, batch.temperature, entropy=part.entropy) for mb in part.micro]
                 if self.reference is not None:
-                    part.ref = [self._logprobs(mb, batch.temperature, self.reference) for mb in part.micro]
-                part.initial = (part.ref if self.initial is self.reference else
-                                [self._logprobs(mb, batch.temperature, self.initial) for mb in part.micro]
-                                if self.initial is not None else None)
+                    with self.swapped_in(self.reference):
+                        part.ref = [self._logprobs(mb, batch.temperature) for mb in part.micro]
+                if self.initial is self.reference:
+                    part.initial = part.ref
+                elif self.initial is not None:
+                    with self.swapped_in(self.initial):
+                        part.initial = [self._logprobs(mb, batch.temperature) for mb in part.micro]
                 if self.critic is not None:
                     t0 = time.perf_counter()
                     part.values = [self.critic.values(mb) for mb in part.micro]
@@ -330,7 +332,7 @@ class PolicyLearner(DeepSpeedLearner):
             """grad of the minibatch loss on every rank: accumulated over this rank's micro-batches, then summed
             over ranks; the first call (at the unperturbed weights) fills `stats`, and `part.old` if it is empty."""
             t0 = time.perf_counter()
-            total = [torch.zeros_like(p) for p in self.params]
+            total = self.zeros()
             sums = torch.zeros(3, dtype=total[0].dtype, device=total[0].device)  # loss, KL, clip fraction
             fill = not part.old
             for i, (mb, ref, adv) in enumerate(zip(part.micro, refs, part.advantages, strict=True)):
@@ -345,7 +347,7 @@ class PolicyLearner(DeepSpeedLearner):
                     kl = kl_to_reference(logp, ref, mb.response_mask)
                     if self.regularizer.uses_reference:
                         loss = loss + cfg.kl_beta * share * kl
-                for acc, g in zip(total, torch.autograd.grad(loss, self.params), strict=True):
+                for acc, g in zip(total, self.gradients(loss), strict=True):
                     acc.add_(g)
                 sums += torch.stack([loss.detach().float().cpu(), kl.detach().float().cpu() * share,
                                      torch.tensor(info["policy/clip_fraction"] * share)]).to(sums)
@@ -358,7 +360,7 @@ class PolicyLearner(DeepSpeedLearner):
             return total
 
         t_estimate = time.perf_counter()
-        g, estimator_stats = self.regularizer.estimator(grads, self.params, cfg, self.perturb)
+        g, estimator_stats = self.regularizer.estimator(grads, self.params, cfg, self.perturb, self.edit)
         t_apply = time.perf_counter()
         # the split of the update: the gradient at the weights, what the regularizer's estimator adds on top
         # (GR: the perturbed second gradient, perturbation and restore), and the optimizer step
@@ -373,11 +375,17 @@ class PolicyLearner(DeepSpeedLearner):
             timings["time/learn_step_s"] += time.perf_counter() - t_apply
         return stats, reason
 
+    def policy_weights(self, lora_targets_only: bool = False) -> dict[str, Tensor]:
+        """`policy_state_dict` of the current policy on rank 0 (empty elsewhere). Under ZeRO-3 the base weights
+        are gathered for it, once, which is a collective: every rank must call this."""
+        with self.whole():
+            return policy_state_dict(self.model, lora_targets_only) if self.rank == 0 else {}
+
     def engine_weights(self) -> tuple[dict[str, Tensor], bool]:
-        """The weights the engines should serve now, and whether they are partial (LoRA targets only). Under
-        ZeRO 0-2 every rank holds them whole."""
+        """The weights the engines should serve now (on rank 0; a collective, as `policy_weights`), and whether
+        they are partial (LoRA targets only)."""
         lora = self.cfg.lora.enabled
-        return policy_state_dict(self.model, lora_targets_only=lora), lora
+        return self.policy_weights(lora_targets_only=lora), lora
 
     def save(self, folder: Path) -> None:
         """This rank's part of a checkpoint in `folder`: its optimizer partitions, and from rank 0 the trainable
@@ -413,8 +421,11 @@ class PolicyLearner(DeepSpeedLearner):
         self.step_count = state["step"]
 
     def save_policy(self, folder: Path) -> Path:
-        """The trained policy as a plain HF folder (LoRA merged), e.g. for evaluation or serving."""
-        base = self.model.get_base_model() if self.cfg.lora.enabled else self.model
-        base.save_pretrained(folder, state_dict=policy_state_dict(self.model))
-        self.tokenizer.save_pretrained(folder)
+        """The trained policy as a plain HF folder (LoRA merged), e.g. for evaluation or serving, written by rank
+        0 (a collective, as `policy_weights`)."""
+        state = self.policy_weights()
+        if self.rank == 0:
+            base = self.model.get_base_model() if self.cfg.lora.enabled else self.model
+            base.save_pretrained(folder, state_dict=state)
+            self.tokenizer.save_pretrained(folder)
         return folder

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -21,6 +22,9 @@ from torch import Tensor
 from torch.nn.utils import get_total_norm
 
 from ray_crm.rl.advantages import whitened
+
+# A context around in-place writes to parameters: a no-op, or ZeRO-3's gather and re-shard.
+Editor = Callable[[Sequence[Tensor]], contextlib.AbstractContextManager]
 
 
 def finite_rows(scores: Mapping[str, Sequence[float]]) -> tuple[Tensor, dict[str, int]]:
@@ -84,7 +88,8 @@ def kl_to_reference(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
 
 def gradient_regularized_grads(grad_fn: Callable[[], Sequence[Tensor]], params: Sequence[Tensor], gamma: float,
                                fd_eps: float = 1e-3, max_norm: float = 10.0, perturb: Sequence[bool] | None = None,
-                               clip: str = "shared") -> tuple[list[Tensor], dict[str, float]]:
+                               clip: str = "shared", edit: Editor = contextlib.nullcontext,
+                               ) -> tuple[list[Tensor], dict[str, float]]:
     """GR gradients for `params`: g1 + gamma * H g1, H g1 by the GR paper's forward difference of g2 and g1.
 
     g1 is grad L at phi scaled to a norm of at most `max_norm` (by s), g2 grad L after a step of fd_eps * g1;
@@ -99,7 +104,8 @@ def gradient_regularized_grads(grad_fn: Callable[[], Sequence[Tensor]], params: 
       remainder.
     Only the parameters flagged in `perturb` move (the transformer blocks, not embeddings or heads); every
     parameter gets the corrected gradient. The norms of grad L before and after the step are returned for
-    logging: a rising gradient norm is the sign of reward hacking the method watches.
+    logging: a rising gradient norm is the sign of reward hacking the method watches. `edit(params)` is entered
+    around every in-place write to the parameters (ZeRO-3 gathers them for it and shards the result back).
     """
     if clip not in ("shared", "separate"):
         raise ValueError(f"clip must be 'shared' or 'separate', got {clip!r}")
@@ -108,7 +114,7 @@ def gradient_regularized_grads(grad_fn: Callable[[], Sequence[Tensor]], params: 
     raw1 = list(grad_fn())
     s1, g1_norm = _clip_factor(raw1, max_norm)
     moved = [(p, g) for p, g, m in zip(params, raw1, perturb) if m]
-    raw2 = _grads_after_step(grad_fn, [p for p, _ in moved], [g for _, g in moved], fd_eps * s1)
+    raw2 = _grads_after_step(grad_fn, [p for p, _ in moved], [g for _, g in moved], fd_eps * s1, edit)
     s2, g2_norm = _clip_factor(raw2, max_norm)
     # shared: g1 = s1 * raw1, g2 = s1 * raw2 and (g2 - g1) / (fd_eps * s1) = (raw2 - raw1) / fd_eps
     a1, a2 = (1.0, 1.0) if clip == "shared" else (s1, s2)
@@ -117,17 +123,17 @@ def gradient_regularized_grads(grad_fn: Callable[[], Sequence[Tensor]], params: 
 
 
 def _grads_after_step(grad_fn: Callable[[], Sequence[Tensor]], params: list[Tensor], direction: list[Tensor],
-                      length: float) -> list[Tensor]:
+                      length: float, edit: Editor) -> list[Tensor]:
     """grad_fn() with `params` moved by length * `direction`, then restored bit for bit from a copy (adding and
     subtracting the step would not round-trip in fp32)."""
-    saved = [p.detach().clone() for p in params]
+    with torch.no_grad(), edit(params):
+        saved = [p.detach().clone() for p in params]
+        for p, d in zip(params, direction):
+            p.add_(d, alpha=length)
     try:
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(d, alpha=length)
         return list(grad_fn())
     finally:
-        with torch.no_grad():
+        with torch.no_grad(), edit(params):
             for p, copy in zip(params, saved):
                 p.copy_(copy)
 

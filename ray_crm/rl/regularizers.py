@@ -14,25 +14,27 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ray_crm.rl.policy_losses import gradient_regularized_grads
+from ray_crm.rl.policy_losses import Editor, gradient_regularized_grads
 
 if TYPE_CHECKING:
     from ray_crm.config import RLConfig
 
 GradFn = Callable[[], Sequence[Tensor]]
-Estimator = Callable[[GradFn, Sequence[Tensor], "RLConfig", Sequence[bool]], tuple[list[Tensor], dict[str, float]]]
+# (gradient function, parameters, config, which parameters GR may move, the context for writing to them)
+Estimator = Callable[[GradFn, Sequence[Tensor], "RLConfig", Sequence[bool], Editor],
+                     tuple[list[Tensor], dict[str, float]]]
 
 
-def plain_gradient(grad_fn: GradFn, params: Sequence[Tensor], cfg: RLConfig,
-                   perturb: Sequence[bool]) -> tuple[list[Tensor], dict[str, float]]:
+def plain_gradient(grad_fn: GradFn, params: Sequence[Tensor], cfg: RLConfig, perturb: Sequence[bool],
+                   edit: Editor) -> tuple[list[Tensor], dict[str, float]]:
     return list(grad_fn()), {}
 
 
-def gr_gradient(grad_fn: GradFn, params: Sequence[Tensor], cfg: RLConfig,
-                perturb: Sequence[bool]) -> tuple[list[Tensor], dict[str, float]]:
+def gr_gradient(grad_fn: GradFn, params: Sequence[Tensor], cfg: RLConfig, perturb: Sequence[bool],
+                edit: Editor) -> tuple[list[Tensor], dict[str, float]]:
     """GR's estimator with the config's gamma, finite-difference step, norm clip and clip mode."""
     return gradient_regularized_grads(grad_fn, params, cfg.gr_gamma, cfg.gr_fd_eps, cfg.gr_g_clip, perturb,
-                                      clip=cfg.gr_clip)
+                                      clip=cfg.gr_clip, edit=edit)
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,13 @@ class ValueLearner(DeepSpeedLearner):
                tokens: float) -> dict[str, float]:
         """One optimizer step on the clipped value loss over this rank's `micro` batches (`tokens`: the response
         tokens of every rank's share, the loss's divisor). Skipped, with the reason, if not finite."""
-        total = [torch.zeros_like(p) for p in self.params]
+        total = self.zeros()
         sums = torch.zeros(2, dtype=total[0].dtype, device=total[0].device)  # loss, clip fraction
         for mb, old, ret in zip(micro, old_values, returns, strict=True):
             loss, info = clipped_value_loss(self.values(mb), old, ret, mb.response_mask, self.cfg.critic.value_clip,
                                             norm=max(tokens, 1.0))
             share = float(mb.response_mask.sum()) / max(tokens, 1.0)
-            for acc, g in zip(total, torch.autograd.grad(loss, self.params), strict=True):
+            for acc, g in zip(total, self.gradients(loss), strict=True):
                 acc.add_(g)
             sums += torch.tensor([float(loss.detach()), info["critic/clip_fraction"] * share]).to(sums)
         *total, sums = self.sum_over_ranks([*total, sums])

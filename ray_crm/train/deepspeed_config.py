@@ -42,13 +42,17 @@ def deepspeed_config(train: TrainConfig, model: ModelConfig, world_size: int) ->
 def policy_deepspeed_config(rl: RLConfig, world_size: int) -> dict[str, Any]:
     """The RL learner's engine: one backward per optimizer step (the learner accumulates its micro-batches
     itself, so the batch sizes here are nominal), DeepSpeed's gradient clipping at `rl.grad_clip`, and fp32
-    weights and Adam whatever `rl.precision` (bf16 there is autocast: GR perturbs fp32 weights)."""
+    weights and Adam whatever `rl.precision` (bf16 there is autocast: GR perturbs fp32 weights). Under ZeRO-3
+    no tensor persists whole: the learner gathers the trainable ones itself wherever it reads or writes them."""
+    zero: dict[str, Any] = {"stage": rl.zero_stage}
+    if rl.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
     return {
         "train_batch_size": world_size,
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": rl.grad_clip,
-        "zero_optimization": {"stage": rl.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": False},
         **_COMMON,
     }

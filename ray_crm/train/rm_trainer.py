@@ -45,14 +45,13 @@ from ray_crm.losses import (
 from ray_crm.models.loading import (
     load_pair_model,
     load_tokenizer,
-    pad_pairs,
     pad_sequences,
     pair_sequences,
     score,
     score_packed,
 )
-from ray_crm.models.packing import PackedSequences, pack_sequences
 from ray_crm.models.logprobs import implicit_reward, rows_within_logit_budget
+from ray_crm.models.packing import PackedSequences, pack_sequences
 from ray_crm.runtime import init_ray, set_threads
 from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
 from ray_crm.train.metric_names import higher_is_better
@@ -124,12 +123,14 @@ def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
 
 
 def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], settings: PairLossSettings, device, global_batch: bool):
+    ids, types = pair_sequences(rows)
     pad_id = engine.module.config.pad_token_id
     if cfg.train.pack_tokens:
-        ids, types = pair_sequences(rows)
         batch = pack_sequences(ids, pad_id, cfg.train.pack_tokens, types).to(device)
+        computed = batch.input_ids.numel()
     else:
-        batch = pad_pairs(rows, pad_id, device)
+        batch = pad_sequences(ids, types, pad_id, device)
+        computed = batch["input_ids"].numel()
     with_repr = cfg.loss.type == "crm" and cfg.loss.mmd.on == "representation"
     rewards, reps = sequence_scores(cfg, engine, batch, _starts(rows), with_repr, _both(rows, "ref_logp"))
     n = len(rows["bin_chosen"])
@@ -138,8 +139,10 @@ def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], settings: PairLossSe
     bins_r = torch.as_tensor(rows["bin_rejected"], dtype=torch.long, device=device)
     if "weight" in rows:
         feats["weights"] = torch.as_tensor(rows["weight"], dtype=rewards.dtype, device=device)
-    return pair_loss(cfg.loss.type)(rewards[:n], rewards[n:], bins_c, bins_r, settings, global_batch=global_batch,
-                                    **feats)
+    loss, metrics = pair_loss(cfg.loss.type)(rewards[:n], rewards[n:], bins_c, bins_r, settings,
+                                             global_batch=global_batch, **feats)
+    metrics["padding_share"] = torch.tensor(1 - sum(map(len, ids)) / computed)  # of the positions run through
+    return loss, metrics
 
 
 def _scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:

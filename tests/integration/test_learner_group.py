@@ -1,6 +1,7 @@
-"""The learner on Ray + DeepSpeed (gloo): 2 ranks under ZeRO-2 step as 1 rank under ZeRO-0 for every
-regularizer, and a checkpointed group whose rank is killed resumes into the same next step. A planted batch
-(hand-made token ids, advantages, engine log-probs) stands in for vLLM."""
+"""The learner on Ray + DeepSpeed (gloo): 2 ranks under ZeRO-2, and under ZeRO-3 (every weight sharded), step
+as 1 rank under ZeRO-0 for every regularizer and hand the engines the same weights, and a checkpointed group
+whose rank is killed resumes into the same next step. A planted batch (hand-made token ids, advantages, engine
+log-probs) stands in for vLLM."""
 
 from __future__ import annotations
 
@@ -56,14 +57,25 @@ def _statistics(stats: dict) -> dict:
 
 
 def _params(group: LearnerGroup) -> dict[str, torch.Tensor]:
-    return group.call("params", during="reading the weights", ranks=[0])[0]
+    """Rank 0's trainable tensors (under ZeRO-3 every rank takes part in gathering them)."""
+    return group.call("params", during="reading the weights", ranks=group.holders)[0]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_two_ranks_under_zero2_step_as_one_rank(groups, tiny_llama_dir, scenario):
+def _engine_weights(group: LearnerGroup) -> dict[str, torch.Tensor]:
+    (ref,), partial = group.engine_weights(torch.float32, during="sync", timeout_s=60)
+    assert partial  # LoRA: the merged target modules only
+    return {name: t.clone() for name, t in ray.get(ref).tensors()}
+
+
+# ZeRO-2 for every scenario; ZeRO-3 for each regularizer (clipping does not depend on the stage)
+CASES = [(scenario, 2) for scenario in SCENARIOS] + [(scenario, 3) for scenario in ("none", "kl", "gr")]
+
+
+@pytest.mark.parametrize(("scenario", "zero"), CASES)
+def test_two_ranks_under_zero_step_as_one_rank(groups, tiny_llama_dir, scenario, zero):
     one, two = groups
-    for group, (workers, zero) in ((one, (1, 0)), (two, (2, 2))):
-        group.setup(str(tiny_llama_dir), _cfg(tiny_llama_dir, workers, zero, **SCENARIOS[scenario]).rl)
+    for group, (workers, stage) in ((one, (1, 0)), (two, (2, zero))):
+        group.setup(str(tiny_llama_dir), _cfg(tiny_llama_dir, workers, stage, **SCENARIOS[scenario]).rl)
     start = _params(one)
     for sign in (1.0, -1.0):
         solo = one.step(_batch(sign), during="step")
@@ -77,14 +89,18 @@ def test_two_ranks_under_zero2_step_as_one_rank(groups, tiny_llama_dir, scenario
     assert any((a[n] - start[n]).abs().max() > 1e-4 for n in a)  # the steps moved the policy
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
-    # rank 1 holds the same weights (ZeRO-2 all-gathers its partition back)
-    assert all(torch.equal(t, b[n]) for n, t in two.call("params", during="read", ranks=[1])[0].items())
+    # rank 1 holds the same weights (ZeRO-2 all-gathers its partition back; ZeRO-3 gathers them to read)
+    assert all(torch.equal(t, b[n]) for n, t in two.call("params", during="read")[1].items())
+    solo_sync, both_sync = _engine_weights(one), _engine_weights(two)  # under ZeRO-3 every rank helps gather
+    assert solo_sync.keys() == both_sync.keys()
+    for name, tensor in solo_sync.items():
+        torch.testing.assert_close(both_sync[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
-def test_a_checkpointed_group_killed_and_restarted_takes_the_same_next_step(groups, tiny_llama_dir, tmp_path):
-    _, two = groups
-    cfg = _cfg(tiny_llama_dir, 2, 2, **SCENARIOS["kl"])
-    two.setup(str(tiny_llama_dir), cfg.rl)
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_checkpointed_group_killed_and_restarted_takes_the_same_next_step(ray_local, tiny_llama_dir, tmp_path, zero):
+    cfg = _cfg(tiny_llama_dir, 2, zero, **SCENARIOS["kl"])
+    two = LearnerGroup(str(tiny_llama_dir), cfg)  # its own: the test kills one of its ranks
     two.step(_batch(1.0), during="step 1")
     root = tmp_path / "checkpoints"
     for step in (1, 2):

@@ -76,11 +76,12 @@ def test_packed_rewards_and_gradients_equal_right_padded_ones(name, implementati
             rewards, pooled = score(model, pad_sequences(SEQS, token_types, pad), True)
         (rewards * weights).sum().backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-        return rewards.detach(), grads
+        return rewards.detach(), pooled.detach(), grads
 
-    padded, padded_grads = run(False)
-    packed, packed_grads = run(True)
+    padded, padded_pooled, padded_grads = run(False)
+    packed, packed_pooled, packed_grads = run(True)
     torch.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(packed_pooled, padded_pooled, atol=2e-5, rtol=1e-4)  # the penalty's features
     assert padded_grads.keys() == packed_grads.keys() and any("lora" in k for k in padded_grads)
     for key, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[key], grad, atol=2e-5, rtol=1e-4, msg=key)

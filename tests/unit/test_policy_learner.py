@@ -241,8 +241,10 @@ def test_learner_ranks_are_reserved_for_a_trial_and_their_engines_keep_fp32():
     assert not ds["bf16"]["enabled"] and ds["train_batch_size"] == 3  # bf16 is autocast, weights stay fp32
     one = trial_bundles(validate({"rl": {**rl, "num_workers": 1}}))
     assert trial_bundles(cfg)[1]["CPU"] == pytest.approx(one[1]["CPU"] + 2 * 0.5)
-    with pytest.raises(ConfigError, match="zero_stage"):
-        validate({"rl": {"zero_stage": 3}})
+    # ZeRO-3 keeps only the LoRA adapters whole on every rank: a full fine-tune is refused, naming both keys
+    with pytest.raises(ConfigError, match="zero_stage=3.*lora.enabled"):
+        validate({"rl": {"zero_stage": 3, "lora": {"enabled": False}}})
+    assert policy_deepspeed_config(validate({"rl": {"zero_stage": 3}}).rl, 2)["zero_optimization"]["stage"] == 3
 
 
 def test_gr_under_bf16_autocast_perturbs_fp32_weights_and_tracks_fp32_gr(tiny_llama_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import typing
 
 import pytest
@@ -32,8 +33,9 @@ def test_gr_entry_is_the_finite_difference_estimator_with_the_config_settings():
         return torch.autograd.grad((w**4).sum() + (w[0] * w[1]), [w])
 
     cfg = RLConfig(regularizer="gr", gr_gamma=0.3, gr_fd_eps=1e-2, gr_g_clip=5.0, gr_clip="separate")
-    ours, stats = regularizer("gr").estimator(grad_fn, [w], cfg, [True])
+    ours, stats = regularizer("gr").estimator(grad_fn, [w], cfg, [True], contextlib.nullcontext)
     expected, _ = gradient_regularized_grads(grad_fn, [w], 0.3, 1e-2, 5.0, [True], clip="separate")
     assert torch.equal(ours[0], expected[0]) and stats["gr/g1_norm"] > 5.0
-    plain, none_stats = regularizer("none").estimator(grad_fn, [w], RLConfig(regularizer="none"), [True])
+    plain, none_stats = regularizer("none").estimator(grad_fn, [w], RLConfig(regularizer="none"), [True],
+                                                   contextlib.nullcontext)
     assert torch.equal(plain[0], grad_fn()[0]) and none_stats == {}
