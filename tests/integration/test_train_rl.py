@@ -38,10 +38,11 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.parametrize("advantage", ["gae", "rloo"])
-def test_ppo_and_rloo_with_gr_train_on_two_zero2_ranks_sync_every_step_and_resume_at_the_saved_step(
-        ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir, advantage):
-    """Dr.GRPO, the default estimator, runs end to end in the sweep and kill-and-resume tests below."""
+@pytest.mark.parametrize(("advantage", "zero"), [("gae", 3), ("rloo", 2)])
+def test_ppo_and_rloo_with_gr_train_on_two_zero_ranks_sync_every_step_and_resume_at_the_saved_step(
+        ray_local, tmp_path, tiny_llama_dir, tiny_bert_dir, advantage, zero):
+    """PPO (policy and critic) on two ZeRO-3 ranks, RLOO on two ZeRO-2 ranks. Dr.GRPO, the default estimator, runs
+    end to end in the sweep and kill-and-resume tests below."""
     from transformers import AutoModelForCausalLM
 
     prompts = tmp_path / "prompts.jsonl"
@@ -53,8 +54,8 @@ def test_ppo_and_rloo_with_gr_train_on_two_zero2_ranks_sync_every_step_and_resum
 
     def config(steps, **rl):
         data = _config(tmp_path, tiny_llama_dir, tiny_bert_dir, prompts, steps).model_dump(mode="json")
-        data["rl"].update({"advantage": advantage, "num_workers": 2, "zero_stage": 2, "epochs": 2, "minibatches": 2,
-                           **rl})
+        data["rl"].update({"advantage": advantage, "num_workers": 2, "zero_stage": zero, "epochs": 2,
+                           "minibatches": 2, **rl})
         if advantage == "gae":
             data["rl"].update({"kl_in_reward": 0.05, "critic": {"lr": 1e-2, "lora": {"rank": 4, "alpha": 8}}})
         else:  # held-out prompts: the initial policy and the last step's are evaluated on them
