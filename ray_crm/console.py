@@ -102,5 +102,10 @@ class StageConsole:
         self.say(f" {self.seconds[name]:6.0f} s")
         return result
 
+    def quietly(self, run: Callable[[], T]) -> T:
+        """Run `run` with its output in the log, and no progress line."""
+        with self._captured():
+            return run()
+
     def close(self) -> None:
         self.terminal.close()

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from ray_crm.assets import fetch_all
 from ray_crm.config import Config, ConfigError, dump_config, validate
 from ray_crm.console import StageConsole
@@ -47,6 +49,7 @@ def run_demo(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     console.say(f"ray-crm demo: {cfg.bench.names[0]} benchmark, vanilla vs causal RM"
                 + (", then GRPO against each" if cfg.rl.steps else "") + f"; stage output in {console.log}")
     results: dict[str, Any] = {}
+    owns_cluster = not ray.is_initialized()
     console.stage("assets and cluster", lambda: (fetch_all(), init_ray(cfg.ray)))
     _stage(console, results, "bench", "bench", cfg)
     _stage(console, results, "prepare", "prepare", cfg)
@@ -61,6 +64,8 @@ def run_demo(cfg: Config, verbose: bool = False) -> dict[str, Any]:
                            rl={"prompts": prompts, "output_dir": str(cfg.stage_dir("train-rl") / label)})
             _stage(console, results, f"train-rl/{label}", "train-rl", rl_cfg)
     results["seconds"] = console.seconds
+    if owns_cluster:  # Ray's log deduplicator prints its last "[repeated Nx]" lines at shutdown: into the log
+        console.quietly(ray.shutdown)
     (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
     console.say()
     console.say(test_table(Path(results["eval"]["report"]), cfg.bench.names[0]))

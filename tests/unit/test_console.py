@@ -31,6 +31,15 @@ def test_a_stage_prints_one_line_and_its_output_goes_to_the_log(tmp_path, capfd)
     assert console.seconds["prepare"] >= 0
 
 
+def test_quiet_work_writes_to_the_log_and_prints_no_progress_line(tmp_path, capfd):
+    """What the demo does with Ray's shutdown, whose log deduplicator prints its last lines then."""
+    console = StageConsole(tmp_path / "run.log", total=1)
+    assert console.quietly(_noisy) == 7
+    console.close()
+    out, err = capfd.readouterr()
+    assert out + err == "" and "child stderr" in (tmp_path / "run.log").read_text()
+
+
 def test_a_failing_stage_says_so_and_gives_the_terminal_back(tmp_path, capfd):
     console = StageConsole(tmp_path / "run.log", total=1)
 
