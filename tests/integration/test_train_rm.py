@@ -71,10 +71,10 @@ def test_zero2_crm_on_mirror_resampled_packed_pairs_with_a_ramped_penalty_trains
     assert train["lambda"].tolist() == pytest.approx([0.5 * s / 6 for s in range(6)] + [0.5] * 24)
 
 
-def test_zero3_conditional_mirror_weighted_export_scores_as_the_trainer_did(prepared, tiny_bert_dir):
+def test_zero3_conditional_mirror_weighted_packed_export_scores_as_the_trainer_did(prepared, tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    cfg = _cfg(prepared, "train.zero_stage=3", "loss.type=crm", "loss.variant=conditional",
+    cfg = _cfg(prepared, "train.zero_stage=3", "train.pack_tokens=96", "loss.type=crm", "loss.variant=conditional",
                "loss.lambda_mmd=0.5", "train.max_steps=8", "loss.balance=mirror")
     result = run_train_rm(cfg)
     merged = Path(result["model"])
