@@ -99,8 +99,9 @@ def test_two_ranks_under_zero_step_as_one_rank(groups, tiny_llama_dir, scenario,
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_a_checkpointed_group_killed_and_restarted_takes_the_same_next_step(ray_local, tiny_llama_dir, tmp_path, zero):
-    cfg = _cfg(tiny_llama_dir, 2, zero, **SCENARIOS["kl"])
-    two = LearnerGroup(str(tiny_llama_dir), cfg)  # its own: the test kills one of its ranks
+    # its own group (the test kills one of its ranks), small enough to fit beside the module's: 2 x 0.25 CPU
+    cfg = _cfg(tiny_llama_dir, 2, zero, learner_cpus=0.25, **SCENARIOS["kl"])
+    two = LearnerGroup(str(tiny_llama_dir), cfg)
     two.step(_batch(1.0), during="step 1")
     root = tmp_path / "checkpoints"
     for step in (1, 2):
