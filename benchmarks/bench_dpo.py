@@ -9,7 +9,9 @@ same batch of real length-benchmark pairs for both sides (chat template, each re
 (`dpo`, or `causal_dpo` conditional at lambda 0.1), backward and an AdamW step. Both sides run the same number of
 rounds, interleaved; the ratio is of the medians of CPU time, and every round is reported. A third side,
 `dpo_precomputed`, takes the reference log-probs computed once before the rounds (`loss.reference=precomputed`):
-`reference_speedup` = its median over plain `dpo`'s.
+`reference_speedup` = its median over plain `dpo`'s. A fourth, `dpo_packed`, runs the same step on the sequences
+packed into padding-free rows of `--pack-tokens` (`train.pack_tokens`): `packed_speedup` = plain `dpo`'s median
+over its own, with each layout's share of padding beside it.
 
 `--trl` also times TRL's `DPOTrainer` on the same pairs (repeated), model, LoRA, batch, beta, precision and threads
 (its reference: the adapter switched off, as ours), wall seconds per step after warm-up from a step-end callback,
@@ -37,6 +39,7 @@ from ray_crm.data.encode import PairEncoder
 from ray_crm.losses import MMDConfig, PairLossSettings, pair_loss
 from ray_crm.models.loading import load_policy_model, pad_sequences, tokenizer_at
 from ray_crm.models.logprobs import implicit_reward, sequence_logprobs
+from ray_crm.models.packing import pack_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "dpo_step.json"
@@ -48,6 +51,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--trl", action="store_true", help="also time TRL's DPOTrainer on the same pairs")
+    p.add_argument("--pack-tokens", type=int, default=256, help="row length of the packed arm (train.pack_tokens)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,6 +62,8 @@ def main() -> None:
     chosen, rejected = enc.encode(list(frame.prompt), list(frame.chosen)), enc.encode(list(frame.prompt), list(frame.rejected))
     pad = tokenizer_at(path).pad_token_id
     batch = pad_sequences(chosen.input_ids + rejected.input_ids, None, pad)
+    packed_ids = chosen.input_ids + rejected.input_ids
+    packed = pack_sequences(packed_ids, pad, args.pack_tokens)
     starts = torch.tensor(chosen.response_starts + rejected.response_starts)
     words = np.array([len(t.split()) for t in list(frame.chosen) + list(frame.rejected)], dtype=float)
     bins = torch.as_tensor(np.digitize(words, np.quantile(words, np.linspace(0, 1, 11)[1:-1])), dtype=torch.long)
@@ -67,17 +73,19 @@ def main() -> None:
     with torch.no_grad(), model.disable_adapter():
         reference = sequence_logprobs(model, batch, starts)
     plain = PairLossSettings(mmd=MMDConfig(num_bins=10))
-    arms = {"dpo": ("dpo", plain, None),
-            "causal_dpo": ("causal_dpo", PairLossSettings(lam=0.1, variant="conditional", mmd=MMDConfig(num_bins=10)), None),
-            "dpo_precomputed": ("dpo", plain, reference)}
+    causal = PairLossSettings(lam=0.1, variant="conditional", mmd=MMDConfig(num_bins=10))
+    arms = {"dpo": ("dpo", plain, None, batch),
+            "causal_dpo": ("causal_dpo", causal, None, batch),
+            "dpo_precomputed": ("dpo", plain, reference, batch),
+            "dpo_packed": ("dpo", plain, None, packed)}
     n = args.pairs
 
     wall: dict[str, list[float]] = {name: [] for name in arms}
 
     def step(name: str) -> float:
         t0, w0 = time.process_time(), time.perf_counter()
-        loss_name, settings, ref = arms[name]
-        rewards = implicit_reward(model, batch, starts, cfg.loss.beta, ref)
+        loss_name, settings, ref, inputs = arms[name]
+        rewards = implicit_reward(model, inputs, starts, cfg.loss.beta, ref)
         loss, _ = pair_loss(loss_name)(rewards[:n], rewards[n:], bins[:n], bins[n:], settings)
         loss.backward()
         optimizer.step()
@@ -101,13 +109,17 @@ def main() -> None:
         "cpu_seconds_per_step": rounds, "median": median,
         "causal_dpo_over_dpo": median["causal_dpo"] / median["dpo"],
         "reference_speedup": median["dpo"] / median["dpo_precomputed"],
+        "packed_speedup": median["dpo"] / median["dpo_packed"],
+        "padding_share": {"padded": 1 - sum(map(len, packed_ids)) / batch["input_ids"].numel(),
+                          "packed": 1 - sum(map(len, packed_ids)) / packed.input_ids.numel()},
     }
     if args.trl:
         trl_steps = trl_seconds_per_step(path, frame, cfg, args.rounds)
         result.update(wall_seconds_per_step={"ours_dpo": wall["dpo"], "trl_dpo": trl_steps},
                       ours_over_trl_dpo=statistics.median(trl_steps) / statistics.median(wall["dpo"]))
     args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("median", "causal_dpo_over_dpo", "reference_speedup", "ours_over_trl_dpo") if k in result},
+    print(json.dumps({k: result[k] for k in ("median", "causal_dpo_over_dpo", "reference_speedup", "packed_speedup",
+                                             "padding_share", "ours_over_trl_dpo") if k in result},
                      indent=2))
 
 
