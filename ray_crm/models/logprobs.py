@@ -54,10 +54,8 @@ def sequence_logprobs(model, batch: dict[str, Tensor] | PackedSequences, starts:
     """Sum of log p(token) over each sequence's response tokens [B]: a right-padded `batch`, or packed rows."""
     if isinstance(batch, PackedSequences):
         logp = token_logprobs(model(**batch.model_inputs(model, causal=True)).logits, batch.input_ids)
-        owner, position = batch.segment[:, 1:], batch.position_ids[:, 1:]  # of the token each logit predicts
-        starts = torch.as_tensor(starts, device=owner.device)
-        scored = (owner >= 0) & (position >= 1) & (position >= starts[owner.clamp(min=0)])
-        return logp.new_zeros(len(starts)).index_add_(0, owner[scored], logp[scored])
+        sequence, scored = batch.next_token_targets(starts)
+        return logp.new_zeros(len(batch.row)).index_add_(0, sequence[scored], logp[scored])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = response_mask(batch["attention_mask"], starts)
     return (token_logprobs(logits, batch["input_ids"]) * mask).sum(-1)

@@ -70,6 +70,15 @@ class PackedSequences:
         return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
 
+    def next_token_targets(self, starts: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
+        """For each logit position t [R, L - 1], aligned with next-token log-probs: the sequence whose token t + 1
+        is (-1: padding, or a sequence's first token, which no position of its own predicts), and whether that
+        token is a response token (its position within the sequence >= the sequence's entry of `starts`)."""
+        owner, position = self.segment[:, 1:], self.position_ids[:, 1:]
+        sequence = torch.where(position >= 1, owner, -1)
+        starts = torch.as_tensor(starts, device=owner.device)
+        return sequence, (sequence >= 0) & (position >= starts[sequence.clamp(min=0)])
+
     def model_inputs(self, model, causal: bool) -> dict[str, Tensor]:
         """Keyword inputs of a transformers model (or a PEFT or DeepSpeed wrapper of one) for these rows."""
         inner = getattr(model, "module", model)

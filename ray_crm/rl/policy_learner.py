@@ -126,11 +126,8 @@ def micro_batches(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[i
         rows = slice(start, min(start + micro_batch_size, len(prompt_ids)))
         prompts = prompt_ids[rows]
         packed = pack_sequences([p + r for p, r in zip(prompts, response_ids[rows], strict=True)], pad_id, pack_tokens)
-        owner, position = packed.segment[:, 1:], packed.position_ids[:, 1:]  # of the token each logit predicts
-        sequence = torch.where(position >= 1, owner, -1)  # -1: padding, or the first token of a sequence
-        prompt_len = torch.as_tensor([len(p) for p in prompts])
-        resp = ((sequence >= 0) & (position >= prompt_len[sequence.clamp(min=0)])).float()
-        out.append(MicroBatch(packed.input_ids, (packed.segment >= 0).long(), resp, rows, sequence,
+        sequence, resp = packed.next_token_targets([len(p) for p in prompts])
+        out.append(MicroBatch(packed.input_ids, (packed.segment >= 0).long(), resp.float(), rows, sequence,
                               packed.position_ids if packed.packed else None))
     return out
 
