@@ -53,7 +53,7 @@ def arrow_type(spec: SpuriousConfig) -> pa.DataType:
     """The column type of a Z: counts and flags as int64, other numbers float64, categories as text."""
     if spec.kind in ("length", "sycophancy"):
         return pa.int64()
-    return pa.float64() if spec.continuous else pa.string()
+    return pa.float64() if spec.numeric else pa.string()
 
 
 def texts_for(spec: SpuriousConfig, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:

@@ -2,7 +2,7 @@
 and the registry of pair losses by name that `loss.type` selects."""
 
 from ray_crm.losses.distributed import gather_global
-from ray_crm.losses.mmd import MMDConfig, MMDStats, binned_mmd_penalty, mmd2
+from ray_crm.losses.mmd import MMDConfig, MMDStats, binned_mmd_penalty, mmd2, z_dependence
 from ray_crm.losses.pair_weights import mirror_balance_weights, mirror_resample_index
 from ray_crm.losses.preference import (
     bradley_terry_loss,
@@ -36,4 +36,5 @@ __all__ = [
     "mmd2",
     "pair_loss",
     "warmed_up_lambda",
+    "z_dependence",
 ]

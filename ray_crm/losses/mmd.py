@@ -32,6 +32,10 @@ class MMDConfig:
         met by shrinking every reward towards a constant (the kernel of tiny values is 1 everywhere). The
         constant factor s keeps the gradient's size independent of the scale: without it the gradient grows as
         1 / s and, at the small rewards of a freshly initialised head, drowns the Bradley-Terry loss.
+    z_kernel: how values of Z are compared. "bins" (the paper): MMD^2 between every pair of bins of Z, Z taken as
+        equal inside a bin. "rbf": HSIC with a Gaussian kernel on Z's measured values (`z_dependence`), so a
+        dependence inside a bin counts too; `unbiased` and `reduction` are about bin pairs and must keep their
+        defaults.
     """
 
     bandwidth: float | Sequence[float] | Literal["median"] = "median"
@@ -39,6 +43,7 @@ class MMDConfig:
     reduction: Literal["sum", "mean"] = "sum"
     num_bins: int | None = None
     standardize: bool = False
+    z_kernel: Literal["bins", "rbf"] = "bins"
 
     def __post_init__(self) -> None:
         bw = self.bandwidth
@@ -52,6 +57,10 @@ class MMDConfig:
             object.__setattr__(self, "bandwidth", sigmas)  # normalised: a tuple of floats
         if self.reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
+        if self.z_kernel not in ("bins", "rbf"):
+            raise ValueError(f"z_kernel must be 'bins' or 'rbf', got {self.z_kernel!r}")
+        if self.z_kernel == "rbf" and (self.unbiased or self.reduction != "sum"):
+            raise ValueError("unbiased and reduction weigh pairs of bins; z_kernel='rbf' has none: keep the defaults")
         if self.num_bins is not None and self.num_bins < 0:
             raise ValueError(f"num_bins must be >= 0, got {self.num_bins}")
 
@@ -238,3 +247,40 @@ def mmd2(a: Tensor, b: Tensor, cfg: MMDConfig = MMDConfig()) -> Tensor:
     """MMD^2 between two samples of >= 2 points each ([n] or [n, D]): the penalty with two bins."""
     bins = torch.cat([a.new_zeros(len(a), dtype=torch.long), a.new_ones(len(b), dtype=torch.long)])
     return binned_mmd_penalty(torch.cat([a, b]), bins, replace(cfg, num_bins=2, reduction="sum"))[0]
+
+
+def z_dependence(values: Tensor, z: Tensor, cfg: MMDConfig = MMDConfig()) -> tuple[Tensor, Tensor]:
+    """HSIC between the values and Z's measured values: the penalty of `z_kernel="rbf"`, and the bandwidth on Z.
+
+    HSIC = sum_ij (H K H)_ij L_ij / N^2 with K the kernel on the values (cfg.bandwidth, as for the binned MMD), L a
+    Gaussian kernel on Z standardized per column (median-heuristic bandwidth) and H the centring matrix. With
+    L_ij = 1[bin_i == bin_j] instead it is a weighted sum of the bins' MMD^2 against the pooled batch (M equal
+    bins: the binned penalty / M^3), blind to any dependence inside a bin, the top bin's open end included. Z is
+    data, so it carries no gradient.
+    values: [N] or [N, D]; z: [N] or [N, K] numbers; rows with a non-finite Z, and batches of < 2 rows, add 0.
+    With cfg.standardize the values are standardized first and the statistic multiplied by their spread held
+    constant, as for the binned penalty (see MMDConfig).
+    """
+    if values.dim() == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    z = z.reshape(len(z), -1).to(torch.promote_types(values.dtype, torch.float32)).detach()
+    if values.dim() not in (1, 2) or len(z) != len(values):
+        raise ValueError(f"values must be [N] or [N, D] with z [N] or [N, K]; got {tuple(values.shape)}, {tuple(z.shape)}")
+    valid = torch.isfinite(z).all(1)
+    x, z = values[valid].to(z.dtype), z[valid]
+    n = len(x)
+    if n < 2:
+        return x.sum() * 0, z.new_ones(())
+    scale = None
+    if cfg.standardize:
+        x, scale = standardized(x, torch.ones(n, dtype=torch.bool, device=x.device))
+    z = (z - z.mean(0)) / z.std(0).clamp_min(torch.finfo(z.dtype).eps)
+    x2 = x[:, None] if x.dim() == 1 else x
+    d2 = (x2[:, None] - x2[None, :]).square().sum(-1)  # exact differences: no sqrt, whose gradient at 0 is NaN
+    dz = (z[:, None] - z[None, :]).square().sum(-1)
+    sigma_z = _median_sigma(dz)
+    bws = [_median_sigma(d2.detach())] if cfg.bandwidth == "median" else cfg.bandwidth
+    k = torch.stack([torch.exp(d2 / (-2 * sigma**2)) for sigma in bws]).mean(0)
+    kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    hsic = (kc * torch.exp(dz / (-2 * sigma_z**2))).sum() / n**2
+    return (hsic if scale is None else hsic * scale.detach()), sigma_z

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ray_crm.losses.distributed import gather_global
-from ray_crm.losses.mmd import MMDConfig, binned_mmd_penalty
+from ray_crm.losses.mmd import MMDConfig, binned_mmd_penalty, z_dependence
 
 Variant = Literal["unconditional", "conditional"]
 Metrics = dict[str, Tensor]
@@ -47,13 +47,21 @@ def causal_penalty(
     variant: Variant = "unconditional",
     mmd: MMDConfig = DEFAULT_MMD,
     global_batch: bool = False,
+    chosen_z: Tensor | None = None,
+    rejected_z: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """The CRM penalty: over all values of the batch (unconditional), or chosen and rejected apart, summed
     (conditional: r independent of Z given the preference label).
 
-    chosen / rejected are rewards [B] or representations [B, D]. global_batch gathers them (and the bins) from
-    every rank first, see `ray_crm.losses.distributed`.
+    chosen / rejected are rewards [B] or representations [B, D]. Z is compared by its bins, or with
+    mmd.z_kernel="rbf" by its measured values chosen_z / rejected_z ([B] or [B, K]). global_batch gathers them
+    (and the bins or Z) from every rank first, see `ray_crm.losses.distributed`.
     """
+    by_value = mmd.z_kernel == "rbf"
+    if by_value:
+        if chosen_z is None or rejected_z is None:
+            raise ValueError("mmd.z_kernel='rbf' compares Z's values: give chosen_z and rejected_z")
+        chosen_bins, rejected_bins = chosen_z, rejected_z
     if variant == "unconditional":
         groups = {"mmd/": (torch.cat([chosen, rejected]), torch.cat([chosen_bins, rejected_bins]))}
     elif variant == "conditional":
@@ -61,12 +69,16 @@ def causal_penalty(
     else:
         raise ValueError(f"variant must be 'unconditional' or 'conditional', got {variant!r}")
     penalty, metrics = 0.0, {}
-    for prefix, (values, bins) in groups.items():
+    for prefix, (values, z) in groups.items():
         if global_batch:
-            values, bins = gather_global(values, bins)
-        term, stats = binned_mmd_penalty(values, bins, mmd)
+            values, z = gather_global(values, z)
+        if by_value:
+            term, sigma_z = z_dependence(values, z, mmd)
+            metrics.update({f"{prefix}hsic": term.detach(), f"{prefix}z_bandwidth": sigma_z})
+        else:
+            term, stats = binned_mmd_penalty(values, z, mmd)
+            metrics.update(stats.metrics(prefix))
         penalty = penalty + term
-        metrics.update(stats.metrics(prefix))
     metrics["mmd/penalty"] = penalty.detach()
     return penalty, metrics
 
@@ -84,8 +96,11 @@ def crm_loss(
     rejected_features: Tensor | None = None,
     global_batch: bool = False,
     weights: Tensor | None = None,
+    chosen_z: Tensor | None = None,
+    rejected_z: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """Causal reward model loss: L_BT + lam * MMD penalty across the bins of Z.
+    """Causal reward model loss: L_BT + lam * MMD penalty across the bins of Z (or, with mmd.z_kernel="rbf",
+    HSIC against Z's values chosen_z / rejected_z).
 
     The penalty is over the scalar rewards, or over representations when chosen_features / rejected_features
     ([B, D], e.g. the pooled hidden state) are given. weights weigh each pair's BT term
@@ -101,7 +116,8 @@ def crm_loss(
     chosen = chosen_rewards if chosen_features is None else chosen_features
     rejected = rejected_rewards if rejected_features is None else rejected_features
     with torch.set_grad_enabled(torch.is_grad_enabled() and lam != 0):
-        penalty, mmd_metrics = causal_penalty(chosen, rejected, chosen_bins, rejected_bins, variant, mmd, global_batch)
+        penalty, mmd_metrics = causal_penalty(chosen, rejected, chosen_bins, rejected_bins, variant, mmd, global_batch,
+                                              chosen_z, rejected_z)
     if lam != 0:
         loss = loss + lam * penalty
     metrics.update(mmd_metrics)
@@ -161,15 +177,19 @@ def causal_dpo_loss(
     mmd: MMDConfig = DEFAULT_MMD,
     *,
     global_batch: bool = False,
+    chosen_z: Tensor | None = None,
+    rejected_z: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """Causal DPO: DPO + lam * MMD penalty over the implicit rewards beta * log(pi / pi_ref), binned by Z.
+    """Causal DPO: DPO + lam * MMD penalty over the implicit rewards beta * log(pi / pi_ref), binned by Z (or
+    compared with Z's values, as in `crm_loss`).
 
     The paper writes the raw ratio pi / pi_ref; its log is what DPO's reward is, and it does not overflow.
     """
     chosen, rejected = implicit_rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )
-    return crm_loss(chosen, rejected, chosen_bins, rejected_bins, lam, variant, mmd, global_batch=global_batch)
+    return crm_loss(chosen, rejected, chosen_bins, rejected_bins, lam, variant, mmd, global_batch=global_batch,
+                    chosen_z=chosen_z, rejected_z=rejected_z)
 
 
 def bt_calibration_scale(margins: Tensor, low: float = 1e-3, high: float = 1e3, iters: int = 60) -> float:

@@ -74,10 +74,12 @@ def penalized(chosen: Tensor, rejected: Tensor, chosen_bins: Tensor, rejected_bi
 
 @register("ipo")
 def ipo(chosen: Tensor, rejected: Tensor, chosen_bins: Tensor, rejected_bins: Tensor, s: PairLossSettings,
-        global_batch: bool = False) -> tuple[Tensor, Metrics]:
+        global_batch: bool = False, chosen_z: Tensor | None = None, rejected_z: Tensor | None = None,
+        ) -> tuple[Tensor, Metrics]:
     """IPO on the implicit rewards: their log-ratios are chosen / beta and rejected / beta."""
     zero = torch.zeros_like(chosen)
     loss, metrics = ipo_loss(chosen / s.beta, rejected / s.beta, zero, zero, s.beta)
     with torch.no_grad():
-        _, penalty = causal_penalty(chosen, rejected, chosen_bins, rejected_bins, s.variant, s.mmd, global_batch)
+        _, penalty = causal_penalty(chosen, rejected, chosen_bins, rejected_bins, s.variant, s.mmd, global_batch,
+                                    chosen_z, rejected_z)
     return loss, {**metrics, **penalty, "loss/total": loss.detach()}

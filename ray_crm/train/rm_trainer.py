@@ -69,7 +69,7 @@ COLUMNS = ("pair_id", "chosen_input_ids", "rejected_input_ids", "chosen_token_ty
 def mmd_settings(cfg: Config, num_bins: int) -> MMDConfig:
     m = cfg.loss.mmd
     return MMDConfig(bandwidth=m.bandwidth, unbiased=m.unbiased, reduction=m.reduction, num_bins=num_bins,
-                     standardize=m.standardize)
+                     standardize=m.standardize, z_kernel=m.z_kernel)
 
 
 def loss_settings(cfg: Config, num_bins: int) -> PairLossSettings:
@@ -100,6 +100,11 @@ def _both(rows: dict[str, np.ndarray], column: str) -> np.ndarray | None:
 
 def _starts(rows: dict[str, np.ndarray]) -> np.ndarray | None:
     return _both(rows, "response_start")
+
+
+def z_columns(cfg: Config, side: str) -> list[str]:
+    """The prepared columns holding each Z's measured value of one side of the pair."""
+    return [f"z_{z.name}_{side}" for z in cfg.data.spurious]
 
 
 def _materialise(shard, columns=COLUMNS) -> dict[str, np.ndarray]:
@@ -139,6 +144,10 @@ def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], settings: PairLossSe
     bins_r = torch.as_tensor(rows["bin_rejected"], dtype=torch.long, device=device)
     if "weight" in rows:
         feats["weights"] = torch.as_tensor(rows["weight"], dtype=rewards.dtype, device=device)
+    if settings.mmd.z_kernel == "rbf":
+        for side in ("chosen", "rejected"):
+            z = np.stack([np.asarray(rows[c], dtype=np.float64) for c in z_columns(cfg, side)], axis=1)
+            feats[f"{side}_z"] = torch.as_tensor(z, dtype=rewards.dtype, device=device)  # missing: NaN, left out
     loss, metrics = pair_loss(cfg.loss.type)(rewards[:n], rewards[n:], bins_c, bins_r, settings,
                                              global_batch=global_batch, **feats)
     metrics["padding_share"] = torch.tensor(1 - sum(map(len, ids)) / computed)  # of the positions run through
@@ -194,7 +203,7 @@ def evaluate(cfg: Config, engine, rows: dict[str, np.ndarray], mmd: MMDConfig, r
     scores = np.stack([flat[:total], flat[total:]], axis=1)
     bins = {k: torch.as_tensor(rows[k], dtype=torch.long) for k in ("bin_chosen", "bin_rejected")}
     _, metrics = crm_loss(torch.as_tensor(scores[:, 0]), torch.as_tensor(scores[:, 1]), bins["bin_chosen"],
-                          bins["bin_rejected"], 0.0, cfg.loss.variant, mmd)
+                          bins["bin_rejected"], 0.0, cfg.loss.variant, dataclasses.replace(mmd, z_kernel="bins"))
     summary = {
         "val_accuracy": float(metrics["reward/accuracy"]),
         "val_bt_loss": float(metrics["loss/preference"]),
@@ -317,7 +326,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                   lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg.train, cfg.model, world))
-    train_rows = _materialise(ray.train.get_dataset_shard("train"))
+    zs = (*z_columns(cfg, "chosen"), *z_columns(cfg, "rejected"))
+    train_rows = _materialise(ray.train.get_dataset_shard("train"), COLUMNS + zs)
     reference = config.get("reference_dir") and Path(config["reference_dir"])
     if reference:
         train_rows = attach_reference(train_rows, reference, "train")
@@ -326,8 +336,7 @@ def train_loop(config: dict[str, Any]) -> None:
         train_rows["weight"] = mirror_balance_weights(*bins)
     elif cfg.loss.balance == "mirror_sample":  # likewise the same draw on every rank
         train_rows = _take(train_rows, mirror_resample_index(*bins, seed=cfg.train.seed))
-    z_columns = tuple(f"z_{z.name}_{side}" for z in cfg.data.spurious for side in ("chosen", "rejected"))
-    val_rows = _materialise(ray.train.get_dataset_shard("validation"), COLUMNS + z_columns)
+    val_rows = _materialise(ray.train.get_dataset_shard("validation"), COLUMNS + zs)
     twins = encode_twins(cfg)
     if reference:
         val_rows = attach_reference(val_rows, reference, "validation")

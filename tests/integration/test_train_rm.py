@@ -71,12 +71,16 @@ def test_zero2_crm_on_mirror_resampled_packed_pairs_with_a_ramped_penalty_trains
     assert train["lambda"].tolist() == pytest.approx([0.5 * s / 6 for s in range(6)] + [0.5] * 24)
 
 
-def test_zero3_conditional_mirror_weighted_packed_export_scores_as_the_trainer_did(prepared, tiny_bert_dir):
+def test_zero3_conditional_z_kernel_mirror_weighted_packed_export_scores_as_the_trainer_did(prepared, tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     cfg = _cfg(prepared, "train.zero_stage=3", "train.pack_tokens=96", "loss.type=crm", "loss.variant=conditional",
-               "loss.lambda_mmd=0.5", "train.max_steps=8", "loss.balance=mirror")
+               "loss.lambda_mmd=0.5", "train.max_steps=8", "loss.balance=mirror", "loss.mmd.z_kernel=rbf")
     result = run_train_rm(cfg)
+    # the penalty compared the rewards with Z's measured values (HSIC), over the global batch of both workers
+    train = pd.read_csv(cfg.stage_dir("train-rm") / run_name(cfg) / "logs" / "train.csv")
+    assert (train["mmd/chosen/hsic"] > 0).all() and (train["mmd/rejected/z_bandwidth"] > 0).all()
+    assert "mmd/chosen/pairs" not in train
     merged = Path(result["model"])
     export = merged.parent
     assert (export / "adapter" / "adapter_config.json").exists() and export.parent.name.endswith(

@@ -117,6 +117,10 @@ def test_an_rl_sweep_ranks_by_rl_metrics_and_refuses_data_keys():
 UNUSED = {  # a setting the chosen type ignores -> the key the error names, and the switch it blames
     ("loss.lambda_mmd=0.3",): ("loss.lambda_mmd", "loss.type=bt"),
     ("loss.mmd.on=representation",): ("loss.mmd.on", "loss.type=bt"),
+    ("loss.mmd.z_kernel=rbf",): ("loss.mmd.z_kernel", "loss.type=bt"),
+    ("loss.type=crm", "loss.mmd.z_kernel=rbf", "loss.mmd.unbiased=true"): ("loss.mmd.unbiased", "z_kernel=rbf has none"),
+    ("loss.type=crm", "loss.mmd.z_kernel=rbf", "data.spurious=[{name: who, kind: demographic}]"): (
+        "loss.mmd.z_kernel", "who are categories"),
     ("loss.type=dpo", "loss.lambda_warmup=0.2"): ("loss.lambda_warmup", "no penalty to ramp in"),
     ("rl.regularizer=kl", "rl.gr_gamma=0.5"): ("rl.gr_gamma", "only rl.regularizer=gr"),
     ("rl.regularizer=none", "rl.gr_fd_eps=0.1"): ("rl.gr_fd_eps", "only rl.regularizer=gr"),
@@ -145,7 +149,8 @@ def test_settings_the_chosen_type_reads_and_repeated_defaults_load():
     legal = [["loss.type=crm", "loss.lambda_mmd=0.0"], ["loss.variant=conditional", "loss.mmd.bandwidth=2.0"],
              ["rl.regularizer=gr", "rl.gr_gamma=0.5", "rl.gr_clip=separate"], ["rl.regularizer=reset", "rl.kl_beta=0.1",
              "rl.reset_every=10"], ["rl.regularizer=kl", "rl.gr_gamma=0.01"], ["sweep.scheduler=asha", "sweep.grace_period=3"],
-             ["data.spurious=[{name: z, kind: column, column: z, bins: 5, discrete: false}]"]]
+             ["data.spurious=[{name: z, kind: column, column: z, bins: 5, discrete: false}]"],
+             ["loss.type=crm", "loss.mmd.z_kernel=rbf", "data.spurious=[{name: p, kind: sycophancy}, {name: n, kind: length}]"]]
     for overrides in legal:
         load_config(None, overrides)
     # a dumped config repeats every default, also those the chosen type ignores: it reads back

@@ -11,11 +11,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dataclasses import replace
+
 from ray_crm.losses import MMDConfig, binned_mmd_penalty, crm_loss, gather_global
 
 WORLD, B, FEATURES, M, LAM = 2, 16, 6, 4, 0.7
 MMD = MMDConfig(num_bins=M)  # median bandwidth: it too must see the global batch
 UNEQUAL = [5, 11]  # local sizes for the penalty-only case
+VARIANTS = ("unconditional", "conditional", "unconditional-rbf", "conditional-rbf")
 
 
 def _problem():
@@ -29,12 +32,24 @@ def _problem():
     return feats, bins, model
 
 
+def _z_values() -> torch.Tensor:
+    """Z's measured values of every (side, pair): bin id plus noise, one NaN (unknown) per side."""
+    _, bins, _ = _problem()
+    z = bins.double() + torch.rand(bins.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    z[:, 3] = float("nan")
+    return z
+
+
 def _crm_step(rows: slice, variant: str, global_batch: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One reward-model step on the pairs `rows`: the CRM loss and the parameter gradients."""
+    """One reward-model step on the pairs `rows`: the CRM loss and the parameter gradients. Variant
+    "<variant>-rbf" compares Z by its values (HSIC) instead of its bins."""
     feats, bins, model = _problem()
     rewards = model(feats[:, rows]).squeeze(-1)
+    variant, _, kernel = variant.partition("-")
+    z = _z_values()[:, rows] if kernel else (None, None)
     loss, _ = crm_loss(
-        rewards[0], rewards[1], bins[0, rows], bins[1, rows], LAM, variant, MMD, global_batch=global_batch
+        rewards[0], rewards[1], bins[0, rows], bins[1, rows], LAM, variant,
+        replace(MMD, z_kernel="rbf") if kernel else MMD, global_batch=global_batch, chosen_z=z[0], rejected_z=z[1],
     )
     loss.backward()
     return loss.detach(), [p.grad for p in model.parameters()]
@@ -65,7 +80,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         results = {}
         shard = B // WORLD
-        for variant in ("unconditional", "conditional"):
+        for variant in VARIANTS:
             loss, grads = _crm_step(slice(rank * shard, (rank + 1) * shard), variant, global_batch=True)
             results[variant] = _mean_over_ranks([loss, *grads])
         start = sum(UNEQUAL[:rank])
@@ -86,7 +101,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("variant", ["unconditional", "conditional"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_two_workers_match_one_worker(ranks, variant):
     loss, grads = _crm_step(slice(0, B), variant, global_batch=True)
     for result in ranks:
