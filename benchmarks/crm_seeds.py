@@ -175,22 +175,34 @@ def main() -> None:
     else:
         runs = [sweep_config(grid)]
     sweeps = {"vanilla": runs[0], "causal": runs[-1]}  # whose training settings each kind of model must have
-    if not args.no_sweep:
-        for sweep_cfg in runs:
-            run_stage("sweep", sweep_cfg)
 
-    rows, seen = [], set()
-    for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}*-*/{family['stage']}/*/export/model_card.json")):
-        card = json.loads(card_path.read_text())
-        c = card["config"]
-        key = (c["loss"]["lambda_mmd"], c["train"]["seed"])
-        if (c["loss"]["variant"] != args.variant or key[0] not in grid or key[1] not in args.seeds or key in seen
-                or not same_training(c, sweeps["vanilla" if key[0] == 0 else "causal"])):
-            continue
-        seen.add(key)
-        rows.append({"lambda": c["loss"]["lambda_mmd"], "seed": c["train"]["seed"], "model": str(card_path.parent / "merged"),
-                     **{k: card["metrics"][k] for k in ("val_accuracy", "val_balanced_accuracy", "val_ci_gap_std",
-                                                        "val_reward_std", "val_z_spearman", "step")}})
+    def trained() -> list[dict]:
+        """Every exported model of a crm_<bench>* sweep trained as this command trains it, one per (lambda, seed)."""
+        rows, seen = [], set()
+        for card_path in sorted(Path(cfg.output_dir).resolve().glob(f"{name}*-*/{family['stage']}/*/export/model_card.json")):
+            card = json.loads(card_path.read_text())
+            c = card["config"]
+            key = (c["loss"]["lambda_mmd"], c["train"]["seed"])
+            if (c["loss"]["variant"] != args.variant or key[0] not in grid or key[1] not in args.seeds or key in seen
+                    or not same_training(c, sweeps["vanilla" if key[0] == 0 else "causal"])):
+                continue
+            seen.add(key)
+            rows.append({"lambda": c["loss"]["lambda_mmd"], "seed": c["train"]["seed"],
+                         "model": str(card_path.parent / "merged"),
+                         **{k: card["metrics"][k] for k in ("val_accuracy", "val_balanced_accuracy", "val_ci_gap_std",
+                                                            "val_reward_std", "val_z_spearman", "step")}})
+        return rows
+
+    if not args.no_sweep:
+        have = {(r["lambda"], r["seed"]) for r in trained()}
+        for sweep_cfg in runs:
+            lambdas = sweep_cfg.sweep.space["loss.lambda_mmd"].grid
+            if all((lam, s) in have for lam in lambdas for s in args.seeds):
+                print(f"{sweep_cfg.name}: every (lambda, seed) of {lambdas} x {args.seeds} is trained already "
+                      "(an earlier sweep with the same settings); not rerun")
+                continue
+            run_stage("sweep", sweep_cfg)
+    rows = trained()
     if args.validation_only:
         write_json(out.with_name(f"{name}_validation.json"), {
             "bench": args.bench, "family": args.family, "variant": args.variant, "overrides": args.overrides,
