@@ -105,7 +105,7 @@ class MMDConfig(Section):
     z_kernel: Literal["bins", "rbf"] = Field("bins", description=(
         "how Z's values are compared: `bins` (the paper: MMD between every pair of Z's bins, Z equal inside a bin) "
         "or `rbf` (HSIC with a Gaussian kernel on Z's standardized values, median bandwidth: a dependence inside "
-        "a bin counts too; numeric Z only; about 1/40 of the 3-bin penalty on the same batch, so lambda ~40x)"))
+        "a bin counts too; numeric Z only; 1/40-1/50 of the 3-bin penalty on the same batch, so lambda ~40x)"))
 
     @model_validator(mode="after")
     def _bin_pair_settings(self) -> MMDConfig:
