@@ -170,10 +170,11 @@ def main() -> None:
                                     "sweep.metric=val_balanced_accuracy", "sweep.bias_metric=val_ci_gap_std",
                                     f"output_dir={Path(cfg.output_dir).resolve()}", "sweep.resume=true", *extra])
 
-    if args.causal_overrides:  # the vanilla models by themselves, the causal ones with their own settings
-        runs = [sweep_config([0.0]), sweep_config(sorted(args.lambdas), "-causal", tuple(args.causal_overrides))]
-    else:
-        runs = [sweep_config(grid)]
+    # (lambdas, name suffix, overrides) of each sweep: the vanilla models by themselves when the causal ones have
+    # settings of their own
+    plan = ([([0.0], "", ()), (sorted(args.lambdas), "-causal", tuple(args.causal_overrides))]
+            if args.causal_overrides else [(grid, "", ())])
+    runs = [sweep_config(*p) for p in plan]
     sweeps = {"vanilla": runs[0], "causal": runs[-1]}  # whose training settings each kind of model must have
 
     def trained() -> list[dict]:
@@ -195,13 +196,12 @@ def main() -> None:
 
     if not args.no_sweep:
         have = {(r["lambda"], r["seed"]) for r in trained()}
-        for sweep_cfg in runs:
-            lambdas = sweep_cfg.sweep.space["loss.lambda_mmd"].grid
-            if all((lam, s) in have for lam in lambdas for s in args.seeds):
-                print(f"{sweep_cfg.name}: every (lambda, seed) of {lambdas} x {args.seeds} is trained already "
-                      "(an earlier sweep with the same settings); not rerun")
-                continue
-            run_stage("sweep", sweep_cfg)
+        for lambdas, suffix, extra in plan:
+            todo = [lam for lam in lambdas if any((lam, s) not in have for s in args.seeds)]
+            if todo != lambdas:  # trained by an earlier sweep with the same settings: not trained again
+                print(f"lambdas {sorted(set(lambdas) - set(todo))} x seeds {args.seeds}: trained already")
+            if todo:
+                run_stage("sweep", sweep_config(todo, suffix, extra))
     rows = trained()
     if args.validation_only:
         write_json(out.with_name(f"{name}_validation.json"), {
