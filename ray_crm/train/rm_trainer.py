@@ -147,7 +147,7 @@ def _loss(cfg: Config, engine, rows: dict[str, np.ndarray], settings: PairLossSe
     if settings.mmd.z_kernel == "rbf":
         for side in ("chosen", "rejected"):
             z = np.stack([np.asarray(rows[c], dtype=np.float64) for c in z_columns(cfg, side)], axis=1)
-            feats[f"{side}_z"] = torch.as_tensor(z, dtype=rewards.dtype, device=device)  # missing: NaN, left out
+            feats[f"{side}_z"] = torch.as_tensor(z, dtype=torch.float32, device=device)  # not bf16: lengths > 256 round; NaN: left out
     loss, metrics = pair_loss(cfg.loss.type)(rewards[:n], rewards[n:], bins_c, bins_r, settings,
                                              global_batch=global_batch, **feats)
     metrics["padding_share"] = torch.tensor(1 - sum(map(len, ids)) / computed)  # of the positions run through
