@@ -317,8 +317,10 @@ class MonitorConfig(Section):
                             "variation) from the reward model's training data")
     kl_max: float | None = Field(None, gt=0.0, description="alarm when the KL to the initial policy passes this; None: off")
     kl_to_initial: bool = Field(True, description="measure the k3 KL of the rollouts' policy to the initial one every "
-                                "step, whatever the regularizer (one more forward per batch; with LoRA the snapshot "
-                                "is the adapters' size, without it a second copy of the policy)")
+                                "kl_every steps, whatever the regularizer (one more forward per measured batch; with "
+                                "LoRA the snapshot is the adapters' size, without it a second copy of the policy)")
+    kl_every: int = Field(1, ge=1, description="measure the KL to the initial policy every N steps and at the last "
+                          "(the steps between log none; a sweep cannot then rank trials by it)")
     stop: bool = Field(False, description="on an alarm, checkpoint and stop the run (otherwise log it and go on)")
 
 
@@ -418,6 +420,8 @@ class RLConfig(Section):
                   for key, users in readers.items() if self.regularizer not in users}
         if not self.eval_prompts:
             unused.update(dict.fromkeys(("eval_every", "eval_samples"), "only read with rl.eval_prompts set"))
+        if not self.monitor.kl_to_initial:
+            unused["monitor.kl_every"] = "only read with rl.monitor.kl_to_initial=true"
         if self.advantage != "gae":
             critic = [f"critic.{k}" for k in CriticConfig.model_fields if k != "lora"]
             critic += [f"critic.lora.{k}" for k in PolicyLoraConfig.model_fields]

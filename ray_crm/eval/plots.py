@@ -89,8 +89,9 @@ def rl_monitor(log: pd.DataFrame, path: Path) -> Path:
     fig, axes = _grid(len(panels))
     alarms = log["step"][log["alarms"].fillna("").astype(str) != ""] if "alarms" in log.columns else []
     for ax, (title, cols) in zip(axes, panels):
-        for col in cols:
-            ax.plot(log["step"], pd.to_numeric(log[col], errors="coerce"), label=col, linewidth=1.2)
+        for col in cols:  # steps that did not measure a column (rl.monitor.kl_every) are left out, not gaps
+            values = pd.to_numeric(log[col], errors="coerce")
+            ax.plot(log["step"][values.notna()], values.dropna(), label=col, linewidth=1.2, marker=".")
         for step in alarms:
             ax.axvline(step, color="tab:red", alpha=0.3, linewidth=2)
         ax.set_title(title, fontsize=9)

@@ -5,7 +5,7 @@ Nothing is imported here, so the pure modules of this package stay free of Ray a
   held-out evaluation;
 - `policy_learner` (no Ray): `PolicyLearner`, a batch's regularized PPO-clip updates (GR, KL, reference resets)
   as one rank of a DeepSpeed data-parallel group; `value_learner`: `ValueLearner`, PPO's critic beside it;
-  `ds_learner`: `DeepSpeedLearner`, what both do with their engine (global gradient, step, checkpoint);
+  both are `ray_crm.train.learner.DeepSpeedLearner`s, the learner layer every trained model stands on;
 - `learner_group`: `LearnerGroup`, the learner's ranks as Ray actors in one placement group;
 - `policy_losses` (pure): Dr.GRPO advantages, PPO-clip, the value loss, k3 KL and the GR finite-difference
   gradient; `advantages` (pure): RLOO, per-token rewards and GAE; `regularizers`: the registry by name;

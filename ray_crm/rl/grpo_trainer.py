@@ -167,7 +167,7 @@ def reported_metric_names(cfg: Config) -> set[str]:
     names = {f"{REWARD_KEY}_mean", "reward_std", "response_tokens_mean", "finished_fraction", "policy/loss",
              "policy/grad_norm", "policy/engine_logprob_gap", "policy/entropy"}
     names |= {f"{gold_key(g.name)}_mean" for g in cfg.reward.gold}
-    if cfg.rl.monitor.kl_to_initial:
+    if cfg.rl.monitor.kl_to_initial and cfg.rl.monitor.kl_every == 1:  # a sweep's metric is in every result
         names.add("policy/kl_to_initial")
     if cfg.rl.eval_prompts:
         names |= {f"eval/{key}" for key in (f"{REWARD_KEY}_mean", "response_tokens_mean", "finished_fraction",
@@ -243,6 +243,7 @@ def run_train_rl(cfg: Config, report: Callable[[dict[str, Any]], None] | None = 
                     engine_logprobs=[flat[i][1].logprobs for i in keep],
                     temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                     rewards=[ppo_rewards[i] for i in keep] if ppo_rewards else None,
+                    measure_kl=(step + 1) % rl.monitor.kl_every == 0 or step + 1 == rl.steps,
                 )
                 stats = learner.step(batch, during=f"rl step {step + 1}")
             else:

@@ -57,11 +57,12 @@ from ray_crm.models.loading import load_policy_model, tokenizer_at
 from ray_crm.models.logprobs import token_entropy, token_logprobs
 from ray_crm.models.packing import pack_sequences
 from ray_crm.rl.advantages import gae, token_rewards
-from ray_crm.rl.ds_learner import DeepSpeedLearner, join_process_group
 from ray_crm.rl.policy_losses import clipped_policy_loss, kl_to_reference
 from ray_crm.rl.regularizers import regularizer
 from ray_crm.rl.value_learner import ValueLearner
 from ray_crm.rl.weights import policy_state_dict
+from ray_crm.train.deepspeed_config import policy_deepspeed_config
+from ray_crm.train.learner import DeepSpeedLearner, join_process_group, trainable
 
 # Transformer blocks (Llama/Qwen `layers.N`, GPT-2 `h.N`, others `blocks.N`): the only tensors GR perturbs.
 BLOCK_PARAM = re.compile(r"\.(layers|h|blocks)\.\d+\.")
@@ -83,6 +84,7 @@ class PolicyBatch:
     temperature: float
     max_new_tokens: int  # Dr.GRPO divides the token sum by this constant (times the sequence count)
     rewards: list[float] | None = None  # one per sequence: the scores GAE turns into per-token advantages
+    measure_kl: bool = True  # measure the KL to the initial policy on this batch (`rl.monitor.kl_every`)
 
 
 @dataclass
@@ -165,17 +167,19 @@ class PolicyLearner(DeepSpeedLearner):
     must already be up (`ray_crm.rl.learner_group`)."""
 
     def __init__(self, model_path: str | Path, cfg: RLConfig, rank: int = 0, world: int = 1):
-        join_process_group(cfg, rank, world)
+        join_process_group(cfg.use_gpu, rank, world)
+        self.cfg = cfg
         self.tokenizer = tokenizer_at(model_path)
         self.pad_id = self.tokenizer.pad_token_id
         torch.manual_seed(cfg.seed)  # the same LoRA initialization on every rank
         model = load_policy_model(model_path, cfg.lora, self.pad_id).to("cuda" if cfg.use_gpu else "cpu")
         self.regularizer = regularizer(cfg.regularizer)
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        if self.regularizer.perturbs_blocks and not any(BLOCK_PARAM.search(n) for n in trainable):
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if self.regularizer.perturbs_blocks and not any(BLOCK_PARAM.search(n) for n in names):
             raise ValueError(f"regularizer={cfg.regularizer} perturbs transformer-block parameters, and none is "
                              "trainable here")
-        super().__init__(model, cfg, cfg.lr, rank, world)
+        super().__init__(model, torch.optim.Adam(trainable(model), lr=cfg.lr), policy_deepspeed_config(cfg, world),
+                         rank, world)
         self.perturb = [bool(BLOCK_PARAM.search(n)) for n in self.names]
         uses_reference = self.regularizer.uses_reference or (cfg.advantage == "gae" and cfg.kl_in_reward > 0)
         self.reference = self.snapshot() if uses_reference else None
@@ -229,7 +233,8 @@ class PolicyLearner(DeepSpeedLearner):
             if reason:
                 break
         tokens = float(sum(map(len, batch.response_ids)))
-        stats = {key: value / max(tokens, 1.0) for key, value in self._rollout_measures(parts).items()}
+        measures = self._rollout_measures(parts, self._measures_kl(batch))
+        stats = {key: value / max(tokens, 1.0) for key, value in measures.items()}
         stats["policy/response_tokens"] = tokens
         stats.update({k: sum(v) / len(v) if k in MEAN_STATS else v[0] for k, v in sums.items()})
         if updates:
@@ -259,9 +264,9 @@ class PolicyLearner(DeepSpeedLearner):
                 if self.reference is not None:
                     with self.swapped_in(self.reference):
                         part.ref = [self._logprobs(mb, batch.temperature) for mb in part.micro]
-                if self.initial is self.reference:
+                if self._measures_kl(batch) and self.initial is self.reference:
                     part.initial = part.ref
-                elif self.initial is not None:
+                elif self._measures_kl(batch):  # a snapshot of its own (regularizers other than kl)
                     with self.swapped_in(self.initial):
                         part.initial = [self._logprobs(mb, batch.temperature) for mb in part.micro]
                 if self.critic is not None:
@@ -284,9 +289,12 @@ class PolicyLearner(DeepSpeedLearner):
             self._whiten_tokens(parts)
         return parts
 
-    def _rollout_measures(self, parts: list[Minibatch]) -> dict[str, float]:
+    def _measures_kl(self, batch: PolicyBatch) -> bool:
+        return self.initial is not None and batch.measure_kl
+
+    def _rollout_measures(self, parts: list[Minibatch], with_kl: bool) -> dict[str, float]:
         """What the rollouts' policy measures, summed over every rank's response tokens: the engine/learner
-        log-prob gap, the entropy and the k3 KL to the initial policy."""
+        log-prob gap, the entropy and (`with_kl`) the k3 KL to the initial policy."""
         sums = torch.zeros(3, dtype=torch.float64)  # gap, entropy, KL to the initial policy
         for part in parts:
             initial = part.initial or [None] * len(part.micro)
@@ -298,7 +306,7 @@ class PolicyLearner(DeepSpeedLearner):
                     sums[2] += float(kl_to_reference(old, init, mb.response_mask) * mb.response_mask.sum())
         (sums,) = self.sum_over_ranks([sums.to(self.params[0].device)])
         measured = {"policy/engine_logprob_gap": float(sums[0]), "policy/entropy": float(sums[1])}
-        if self.initial is not None:
+        if with_kl:
             measured["policy/kl_to_initial"] = float(sums[2])
         return measured
 

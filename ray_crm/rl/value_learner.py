@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ray_crm.config import RLConfig
 from ray_crm.models.loading import load_value_model
-from ray_crm.rl.ds_learner import DeepSpeedLearner
 from ray_crm.rl.policy_losses import clipped_value_loss
+from ray_crm.train.deepspeed_config import policy_deepspeed_config
+from ray_crm.train.learner import DeepSpeedLearner, trainable
 
 if TYPE_CHECKING:
     from ray_crm.rl.policy_learner import MicroBatch
@@ -29,7 +30,9 @@ class ValueLearner(DeepSpeedLearner):
     def __init__(self, model_path: str | Path, cfg: RLConfig, pad_id: int, rank: int = 0, world: int = 1):
         torch.manual_seed(cfg.seed + 1)  # the same LoRA initialization on every rank, not the policy's
         model = load_value_model(model_path, cfg.critic.lora, pad_id).to("cuda" if cfg.use_gpu else "cpu")
-        super().__init__(model, cfg, cfg.critic.lr, rank, world)
+        self.cfg = cfg
+        super().__init__(model, torch.optim.Adam(trainable(model), lr=cfg.critic.lr),
+                         policy_deepspeed_config(cfg, world), rank, world)
 
     def values(self, mb: MicroBatch) -> Tensor:
         """[B, L - 1]: the value of the state before each next token, aligned with `mb.response_mask`."""

@@ -53,7 +53,8 @@ from ray_crm.models.loading import (
 from ray_crm.models.logprobs import implicit_reward, rows_within_logit_budget
 from ray_crm.models.packing import PackedSequences, pack_sequences
 from ray_crm.runtime import init_ray, set_threads
-from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size, prepare_deepspeed_env
+from ray_crm.train.deepspeed_config import deepspeed_config, micro_batch_size
+from ray_crm.train.learner import DeepSpeedLearner, join_process_group, trainable
 from ray_crm.train.metric_names import higher_is_better
 from ray_crm.train.metrics_log import MetricsLog
 from ray_crm.train.reference_logps import attach_reference, reference_logps, twin_reference
@@ -61,6 +62,7 @@ from ray_crm.train.reference_logps import attach_reference, reference_logps, twi
 logger = logging.getLogger(__name__)
 
 VAL_SCORES = "val_scores.npz"
+ENGINE = "engine"  # a checkpoint's folder of the learner layer's engine state
 EXPORT_FILES = ("merged", "adapter", "model_card.json", VAL_SCORES)
 COLUMNS = ("pair_id", "chosen_input_ids", "rejected_input_ids", "chosen_token_type_ids", "rejected_token_type_ids",
            "chosen_response_start", "rejected_response_start", "bin_chosen", "bin_rejected", "stratum")
@@ -235,22 +237,21 @@ def z_correlations(cfg: Config, rows: dict[str, np.ndarray], scores: np.ndarray)
     return out
 
 
-def _save_checkpoint(engine, folder: Path, state: dict[str, Any], rank: int, zero_stage: int,
+def _save_checkpoint(learner: DeepSpeedLearner, folder: Path, state: dict[str, Any], rank: int,
                      val_scores: dict[str, np.ndarray]) -> None:
-    """DeepSpeed state (all ranks, for resume) + the HF weights (adapter or full model) + the loop state
-    + the validation rewards the trainer measured (so an export can be checked against them).
+    """The learner layer's engine state (all ranks, for resume; no pickle) + the HF weights (adapter or full
+    model) + the loop state + the validation rewards the trainer measured (so an export can be checked against
+    them).
 
     Every rank fills its own folder and Ray merges them into one checkpoint, so rank 0 writes the
     completion marker last, listing the files of every rank: the merged folder verifies only once all arrived.
     """
-    import deepspeed
     import torch.distributed as dist
 
-    engine.save_checkpoint(str(folder / "ds"), tag="state")
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(trainable, enabled=zero_stage == 3):
+    learner.save_engine(folder / ENGINE)
+    with learner.whole(learner.params):
         if rank == 0:
-            engine.module.save_pretrained(folder / "model", safe_serialization=True)
+            learner.model.save_pretrained(folder / "model", safe_serialization=True)
             (folder / "state.json").write_text(json.dumps(state))
             np.savez(folder / VAL_SCORES, **val_scores)
     manifests = [None] * dist.get_world_size()
@@ -285,47 +286,24 @@ def _resume_folder(storage: Path):
     yield latest_complete_checkpoint(storage)
 
 
-def _load_weights_only(engine) -> None:
-    """Make `engine.load_checkpoint` unpickle nothing but tensors, plain values and DeepSpeed's own state classes.
-
-    DeepSpeed's TorchCheckpointEngine calls `torch.load(weights_only=False)`, which runs whatever a `.pt` file
-    asks for. Its ZeRO optimizer shards hold three classes besides tensors and plain values: these are allowed,
-    anything else fails to load.
-    """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-    def load(path: str, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    engine.checkpoint_engine.load = load
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """The per-worker loop Ray Train runs."""
     import ray.train
 
     cfg = Config.model_validate(config["cfg"])
     set_threads(cfg.ray.torch_threads)
-    backend = prepare_deepspeed_env(cfg.train.use_gpu)
-    import deepspeed
     import torch.distributed as dist
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    deepspeed.init_distributed(dist_backend=backend)  # reuses the process group Ray Train created
+    join_process_group(cfg.train.use_gpu, rank, world)  # DeepSpeed adopts the process group Ray Train created
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
     model = load_pair_model(cfg.model, tok.pad_token_id, policy=cfg.loss.trains_policy)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(cfg.train, cfg.model, world))
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    learner = DeepSpeedLearner(model, optimizer, deepspeed_config(cfg.train, cfg.model, world), rank, world)
+    engine = learner.engine
     zs = (*z_columns(cfg, "chosen"), *z_columns(cfg, "rejected"))
     train_rows = _materialise(ray.train.get_dataset_shard("train"), COLUMNS + zs)
     reference = config.get("reference_dir") and Path(config["reference_dir"])
@@ -349,14 +327,13 @@ def train_loop(config: dict[str, Any]) -> None:
     state = {"epoch": 0, "micro_step": 0, "step": 0, "resumed_from_step": 0}
     with _resume_folder(Path(config["storage_dir"])) as found:
         if found is not None:
-            _load_weights_only(engine)
-            path, _ = engine.load_checkpoint(str(found / "ds"), tag="state")
-            if path is None:  # DeepSpeed returns (None, None) instead of raising
-                raise RuntimeError(f"checkpoint {found} holds no DeepSpeed state to resume from")
+            learner.load_engine(found / ENGINE)
             state = json.loads((found / "state.json").read_text())
             state["resumed_from_step"] = state["step"]
     train_log = MetricsLog(Path(config["log_dir"]), "train") if rank == 0 else None
     eval_log = MetricsLog(Path(config["log_dir"]), "eval") if rank == 0 else None
+    for log in (train_log, eval_log) if rank == 0 else ():  # steps after the checkpoint are about to run again
+        log.drop_after(state["step"])
     steps_per_epoch = len(sampler) // cfg.train.grad_accum
     max_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
     warmup_steps = round(cfg.loss.lambda_warmup * max_steps)
@@ -368,7 +345,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if eval_log is not None:
             eval_log.write(state["step"], metrics)
         with tempfile.TemporaryDirectory() as folder:
-            _save_checkpoint(engine, Path(folder), state, rank, cfg.train.zero_stage,
+            _save_checkpoint(learner, Path(folder), state, rank,
                              {"pair_id": val_rows["pair_id"].astype(str), "chosen": scores[:, 0], "rejected": scores[:, 1]})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 

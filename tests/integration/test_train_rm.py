@@ -138,8 +138,7 @@ def test_a_worker_killed_after_a_checkpoint_resumes_from_it(prepared, ray_local)
     assert resumed_at >= 5 and resumed_at % 5 == 0, "not resumed from a checkpoint step"  # 0: started over
     assert resumed_at in evals["step"].tolist()
     steps = pd.read_csv(cfg.stage_dir("train-rm") / run_name(cfg) / "logs" / "train.csv")["step"].to_numpy()
-    assert set(range(1, 21)) <= set(steps.tolist())  # no step lost across the restart
-    # steps between the checkpoint and the kill run twice, unless the kill landed right after a checkpoint
-    restarts = np.flatnonzero(np.diff(steps) <= 0)
-    assert len(restarts) <= 1 and all(steps[i + 1] == resumed_at + 1 for i in restarts)
+    # every step logged once: those run between the checkpoint and the kill were dropped when they ran again
+    assert steps.tolist() == list(range(1, 21))
+    assert evals["step"].is_unique
     assert outcome["final_step"] == 20 and evals["step"].max() == 20

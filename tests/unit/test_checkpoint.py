@@ -203,13 +203,13 @@ def test_the_rm_trainer_resumes_from_the_newest_ray_checkpoint_that_verifies(tmp
 
     def ray_checkpoint(stamp: str, shards: int) -> Path:  # rank 0's marker lists both ranks' shards
         folder = tmp_path / f"checkpoint_2026-12-02_11-56-{stamp}"
-        (folder / "ds" / "state").mkdir(parents=True)
+        (folder / "engine").mkdir(parents=True)
         for rank in range(2):
-            (folder / "ds" / "state" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(b"s" * 64)
+            (folder / "engine" / f"optim_rank{rank}.safetensors").write_bytes(b"s" * 64)
         (folder / "state.json").write_text('{"step": 5}')
         write_marker(folder, "step_000005")
         for rank in range(shards, 2):
-            (folder / "ds" / "state" / f"zero_pp_rank_{rank}_optim_states.pt").unlink()
+            (folder / "engine" / f"optim_rank{rank}.safetensors").unlink()
         return folder
 
     assert latest_complete_checkpoint(tmp_path) is None
@@ -217,4 +217,4 @@ def test_the_rm_trainer_resumes_from_the_newest_ray_checkpoint_that_verifies(tmp
     ray_checkpoint("30.2", shards=1)  # a worker killed before uploading its shard
     with caplog.at_level(logging.WARNING):
         assert latest_complete_checkpoint(tmp_path) == good
-    assert "checkpoint_2026-12-02_11-56-30.2" in caplog.text and "zero_pp_rank_1_optim_states.pt: missing" in caplog.text
+    assert "checkpoint_2026-12-02_11-56-30.2" in caplog.text and "optim_rank1.safetensors: missing" in caplog.text

@@ -4,6 +4,7 @@ log-prob alignment, regularizers, skipped non-finite steps, resume from a checkp
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -291,6 +292,18 @@ def test_the_kl_to_the_initial_policy_is_measured_under_every_regularizer_and_su
     assert again.step(_batch())["policy/kl_to_initial"] == pytest.approx(reset.step(_batch())["policy/kl_to_initial"])
     off = PolicyLearner(tiny_llama_dir, _cfg(monitor={"kl_to_initial": False}))
     assert off.initial is None and "policy/kl_to_initial" not in off.step(_batch())
+
+
+def test_a_batch_that_skips_the_kl_measurement_saves_its_forward_and_takes_the_same_step(tiny_llama_dir):
+    measured, skipped = PolicyLearner(tiny_llama_dir, _cfg()), PolicyLearner(tiny_llama_dir, _cfg())
+    forwards = [_count_forwards(measured), _count_forwards(skipped)]
+    a = measured.step(_batch())
+    b = skipped.step(replace(_batch(), measure_kl=False))
+    assert "policy/kl_to_initial" in a and "policy/kl_to_initial" not in b
+    assert len(forwards[0]) - len(forwards[1]) == len(RESPONSES)  # the initial policy's, one per micro-batch of one
+    assert all(torch.equal(p, q) for p, q in zip(measured.params, skipped.params, strict=True))
+    with pytest.raises(ValidationError, match="kl_to_initial=true"):
+        _cfg(monitor={"kl_to_initial": False, "kl_every": 4})
 
 
 def _count_forwards(learner: PolicyLearner) -> list[int]:

@@ -1,6 +1,9 @@
-"""What every RL learner (the policy, PPO's critic) does with its DeepSpeed engine, as one rank of `world`.
+"""The learner layer: one rank of `world` holding a model's trainable tensors in a DeepSpeed engine, for every
+model this project trains: reward models and DPO policies (`ray_crm.train.rm_trainer`, on Ray Train workers,
+stepping `engine.backward(loss)`), and the RL policy and critic (`ray_crm.rl.policy_learner`, on the
+`LearnerGroup`'s actors, stepping with global gradients as below). Both write one checkpoint format.
 
-No Ray. A learner computes the global gradient itself (accumulated over its micro-batches, then summed over
+No Ray. An RL learner computes the global gradient itself (accumulated over its micro-batches, then summed over
 ranks by one flat all-reduce, so every rank holds the same tensor) and hands it to DeepSpeed as the gradient of
 a surrogate, sum(p * g), through `engine.backward`: ZeRO-1/2 reduce and partition it in their own hooks
 (averaging identical tensors leaves it unchanged), then `engine.step()` clips it to `rl.grad_clip` and steps
@@ -12,8 +15,8 @@ perturbation and restore, the reference swapped in, the surrogate's backward, a 
 with `whole`/`edit`, collectives every rank enters in step, and it reads the whole policy (weight sync,
 export) in one gather. Writes go back through rank 0's copy, which every rank computed identically.
 
-A checkpoint (no pickle) holds each rank's optimizer partition (`<prefix>optim_rank{r}`) and, from rank 0, the
-trainable tensors (`<prefix>params.safetensors`).
+A checkpoint (no pickle) holds each rank's optimizer partition (`<prefix>optim_rank{r}`, with its fp32 master
+copy, so bf16 weights resume exactly) and, from rank 0, the trainable tensors (`<prefix>params.safetensors`).
 """
 
 from __future__ import annotations
@@ -29,21 +32,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ray_crm.checkpoint import load_state_tree, load_tensors, save_state_tree, save_tensors
-from ray_crm.config import RLConfig
-from ray_crm.train.deepspeed_config import policy_deepspeed_config, prepare_deepspeed_env
+from ray_crm.train.deepspeed_config import prepare_deepspeed_env
 
-# What ZeRO-1/2's `load_state_dict` reads of the optimizer's state dict; the rest is a loss scaler object,
-# parameter-slice maps (rebuilt at start-up) and the fp32 master partition, which with fp32 weights is a
-# copy of the module's own (restored from the params file).
-ZERO_STATE_KEYS = ("base_optimizer_state", "clip_grad", "ds_version", "param_alignment_paddings")
+# What ZeRO-1/2's `load_state_dict` reads of the optimizer's state dict, the fp32 master partition included;
+# the rest is a loss scaler object and parameter-slice maps (rebuilt at start-up).
+ZERO_STATE_KEYS = ("base_optimizer_state", "clip_grad", "ds_version", "param_alignment_paddings",
+                   "single_partition_of_fp32_groups")
 # ZeRO-3's: Adam's state and the fp32 master partition of this rank (the trainable tensors' shards).
 ZERO3_STATE_KEYS = ("optimizer_state_dict", "fp32_flat_groups", "partition_count")
 
 
-def join_process_group(cfg: RLConfig, rank: int, world: int) -> None:
-    """DeepSpeed's distributed set-up on the group the ranks already joined (`ray_crm.rl.learner_group`); a lone
-    learner gets a process group of its own, in memory (DeepSpeed needs one)."""
-    backend = prepare_deepspeed_env(cfg.use_gpu)
+def join_process_group(use_gpu: bool, rank: int, world: int) -> None:
+    """DeepSpeed's distributed set-up on the group the ranks already joined (Ray Train's, or
+    `ray_crm.rl.learner_group`'s); a lone learner gets a process group of its own, in memory (DeepSpeed needs one)."""
+    backend = prepare_deepspeed_env(use_gpu)
     import deepspeed
 
     if not dist.is_initialized():
@@ -54,20 +56,25 @@ def join_process_group(cfg: RLConfig, rank: int, world: int) -> None:
     deepspeed.init_distributed(dist_backend=backend)  # adopts the group
 
 
+def trainable(model: torch.nn.Module) -> list[Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class DeepSpeedLearner:
-    """A model's trainable tensors in a DeepSpeed engine (Adam at `lr`), stepped with global gradients."""
+    """A model's trainable tensors in a DeepSpeed engine built from `ds_config` around `optimizer` (a torch
+    optimizer over `trainable(model)`): stepped by `engine.backward(loss)` or with global gradients (`apply`)."""
 
     prefix = ""  # the names of its checkpoint files start with this
 
-    def __init__(self, model: torch.nn.Module, cfg: RLConfig, lr: float, rank: int, world: int):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
+                 rank: int, world: int):
         import deepspeed
 
-        self.cfg, self.rank, self.world = cfg, rank, world
+        self.rank, self.world = rank, world
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = trainable(model)
         self.shapes = [p.shape for p in self.params]  # whole: ZeRO-3 empties the tensors it shards
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(self.params, lr=lr),
-                                               config=policy_deepspeed_config(cfg, world))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
 
     @property
@@ -150,6 +157,7 @@ class DeepSpeedLearner:
 
     def save_engine(self, folder: Path) -> None:
         """This rank's optimizer partition and, from rank 0, the trainable tensors."""
+        folder.mkdir(parents=True, exist_ok=True)
         params = self.snapshot()  # a collective under ZeRO-3: before rank 0 goes its own way
         optimizer = self.engine.optimizer.state_dict()
         if self.engine.zero_optimization():
@@ -160,17 +168,16 @@ class DeepSpeedLearner:
             save_tensors(folder / f"{self.prefix}params.safetensors", params)
 
     def load_engine(self, folder: Path) -> None:
-        """The weights first, then Adam (ZeRO rebuilds its fp32 master partition from the weights, which are
-        fp32 themselves: exact)."""
+        """The weights first, then the optimizer with its fp32 master partition (exact under bf16 weights too)."""
         self._write(load_tensors(folder / f"{self.prefix}params.safetensors"))
         optimizer: Any = load_state_tree(folder, f"{self.prefix}optim_rank{self.rank}")
         if self.sharded:  # ZeRO-3 reads its own rank's entry, and the loss-scaler settings fp32 does not use
             live = self.engine.optimizer
             optimizer.update(loss_scaler=live.loss_scaler, dynamic_loss_scale=live.dynamic_loss_scale, overflow=False)
-            self.engine.optimizer.load_state_dict([optimizer] * self.world, load_from_fp32_weights=False)
+            self.engine.optimizer.load_state_dict([optimizer] * self.world, load_from_fp32_weights=True)
         elif self.engine.zero_optimization():  # ZeRO-1/2's loader takes every rank's state and picks its own
             ranks = [optimizer if r == self.rank else load_state_tree(folder, f"{self.prefix}optim_rank{r}")
                      for r in range(self.world)]
-            self.engine.optimizer.load_state_dict(ranks, load_from_fp32_weights=False)
+            self.engine.optimizer.load_state_dict(ranks, load_from_fp32_weights=True)
         else:
             self.engine.optimizer.load_state_dict(optimizer)
