@@ -137,8 +137,9 @@ def main() -> None:
                    help="report the exported models' validation figures alone (no test evaluation, no choice of "
                         "lambda): a pilot, written to <name>_validation.json")
     p.add_argument("--experiment", default="", metavar="SUFFIX",
-                   help="run the sweep as crm_<bench>SUFFIX, e.g. to add seeds to an earlier sweep (Tune cannot grow "
-                        "a finished grid); the report uses the models of every crm_<bench>* sweep trained as this one")
+                   help="name the sweeps crm_<bench>SUFFIX (each further suffixed by the lambdas it trains, as Tune "
+                        "cannot grow a started grid); the report uses the models of every crm_<bench>* sweep "
+                        "trained as this one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a dotted config override for every model, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--causal-set", dest="causal_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -200,8 +201,8 @@ def main() -> None:
             todo = [lam for lam in lambdas if any((lam, s) not in have for s in args.seeds)]
             if todo != lambdas:  # trained by an earlier sweep with the same settings: not trained again
                 print(f"lambdas {sorted(set(lambdas) - set(todo))} x seeds {args.seeds}: trained already")
-            if todo:
-                run_stage("sweep", sweep_config(todo, suffix, extra))
+            if todo:  # named by its lambdas: a resumed Tune sweep keeps the grid it started with
+                run_stage("sweep", sweep_config(todo, f"{suffix}-l{'_'.join(f'{lam:g}' for lam in todo)}", extra))
     rows = trained()
     if args.validation_only:
         write_json(out.with_name(f"{name}_validation.json"), {

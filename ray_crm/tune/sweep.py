@@ -259,6 +259,19 @@ def plot_front(table, cfg: Config, path: Path) -> None:
     plt.close(fig)
 
 
+def check_same_space(record: Path, cfg: Config, restore: bool) -> None:
+    """A resumed sweep must ask for the space it was started with: Tune restores the stored grid and would
+    silently ignore a changed one. The space is recorded (JSON) when a sweep starts; a sweep recorded before
+    this check existed resumes unchecked."""
+    space = {key: spec.model_dump(mode="json", exclude_none=True) for key, spec in cfg.sweep.space.items()}
+    if not restore:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(space, sort_keys=True))
+    elif record.is_file() and (stored := json.loads(record.read_text())) != space:
+        raise ConfigError(f"sweep '{cfg.name}' was started over sweep.space={stored} ({record}); this config asks "
+                          f"for {space}: Tune cannot change a sweep's space on resume, so choose another name")
+
+
 def run_sweep(cfg: Config) -> dict[str, Any]:
     """Run (or with `sweep.resume=true`, continue) the sweep; write the table, the front and the chosen YAML."""
     from ray import tune
@@ -274,6 +287,11 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         check_trial_fits(cfg, ray.cluster_resources().get("CPU", 0.0))
     out = cfg.stage_dir("sweep")
     path = out / "tune" / cfg.name
+    restore = path.exists() and tune.Tuner.can_restore(str(path))
+    if restore and not cfg.sweep.resume:
+        raise ConfigError(f"{path} holds an earlier sweep named '{cfg.name}': pass sweep.resume=true "
+                          "(ray-crm sweep --resume) to continue it, or choose another name")
+    check_same_space(out / "tune" / f"{cfg.name}.space.json", cfg, restore)
     base = cfg.model_dump(mode="json")
     # trials get their own names and working directories: pin every path to what the driver resolved
     base["output_dir"] = str(Path(cfg.output_dir).resolve())
@@ -285,10 +303,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         tune.with_parameters(_trainable, base=base, variants=variants, data_keys=_data_keys(cfg)),
         _trial_resources(cfg),
     )
-    if path.exists() and tune.Tuner.can_restore(str(path)):
-        if not cfg.sweep.resume:
-            raise ConfigError(f"{path} holds an earlier sweep named '{cfg.name}': pass sweep.resume=true "
-                              "(ray-crm sweep --resume) to continue it, or choose another name")
+    if restore:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, param_space=param_space(cfg))
     else:
         tuner = _tuner(cfg, path, trainable)

@@ -62,6 +62,8 @@ def test_two_trials_give_a_table_a_front_and_a_chosen_config_and_resume_reruns_n
     again = run_sweep(_cfg(prepared, "sweep.resume=true"))
     assert again["trials"] == 2 and json.loads(json.dumps(again["chosen"], default=str))
     assert {p: p.read_text() for p in logs} == before  # finished trials were not trained again
+    with pytest.raises(ConfigError, match=r"was started over sweep.space=.*choose another name"):
+        run_sweep(_cfg(prepared, "sweep.resume=true", "sweep.space={loss.lambda_mmd: {grid: [2.0]}}"))
 
 
 def test_a_sweep_interrupted_mid_trial_resumes_without_rerunning_finished_trials(prepared, tmp_path):  # noqa: F811
