@@ -264,11 +264,12 @@ class PolicyLearner(DeepSpeedLearner):
                 if self.reference is not None:
                     with self.swapped_in(self.reference):
                         part.ref = [self._logprobs(mb, batch.temperature) for mb in part.micro]
-                if self._measures_kl(batch) and self.initial is self.reference:
-                    part.initial = part.ref
-                elif self._measures_kl(batch):  # a snapshot of its own (regularizers other than kl)
-                    with self.swapped_in(self.initial):
-                        part.initial = [self._logprobs(mb, batch.temperature) for mb in part.micro]
+                if self._measures_kl(batch):
+                    if self.initial is self.reference:
+                        part.initial = part.ref
+                    else:  # a snapshot of its own (regularizers other than kl)
+                        with self.swapped_in(self.initial):
+                            part.initial = [self._logprobs(mb, batch.temperature) for mb in part.micro]
                 if self.critic is not None:
                     t0 = time.perf_counter()
                     part.values = [self.critic.values(mb) for mb in part.micro]
